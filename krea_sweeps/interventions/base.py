@@ -1,0 +1,89 @@
+"""The intervention protocol: validate early, attach as a context manager, describe for logs and W&B."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+from ..errors import require
+from ..sampler import STATE, DenoiseState
+
+
+@dataclass
+class InterventionContext:
+    """What an intervention may need besides the text path: encoding reference prompts (ablate mean, steer pairs)
+    and the sampler's step count (to check `steps` windows)."""
+
+    text_path: Any = None
+    encode: Callable[[list[str]], Any] | None = None
+    num_steps: int | None = None
+    state: DenoiseState = field(default_factory=lambda: STATE)
+
+
+@dataclass
+class Intervention:
+    """Base: gating by CFG branch (`apply_to`) and denoising-step window (`steps` = [start, end))."""
+
+    apply_to: str = "cond"
+    steps: list[int] | None = None
+
+    kind: ClassVar[str] = "base"
+
+    def __post_init__(self):
+        require(self.apply_to in ("cond", "uncond", "both"), f"intervention.apply_to",
+                f"unknown branch {self.apply_to!r}", "use cond, uncond or both")
+        if self.steps is not None:
+            self.steps = [int(s) for s in self.steps]
+            require(len(self.steps) == 2 and 0 <= self.steps[0] < self.steps[1], "intervention.steps",
+                    f"{self.steps} is not a window [start, end)", "give [start, end) with 0 <= start < end")
+
+    def validate(self, ctx: InterventionContext) -> None:
+        """Checks that need the run's context (sampler steps); called before any model load."""
+        if self.steps is not None and ctx.num_steps is not None:
+            require(self.steps[1] <= ctx.num_steps, "intervention.steps",
+                    f"window {self.steps} exceeds the sampler's {ctx.num_steps} steps",
+                    f"keep end <= {ctx.num_steps} (or raise sampler.steps)")
+
+    def active(self, state: DenoiseState) -> bool:
+        """Whether the edit applies to the text_fusion call happening now."""
+        if self.apply_to != "both" and state.branch != self.apply_to:
+            return False
+        if self.steps is not None and not (self.steps[0] <= state.step < self.steps[1]):
+            return False
+        return True
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+    @contextmanager
+    def attach(self, ctx: InterventionContext) -> Iterator[None]:
+        yield
+
+    def describe(self) -> dict:
+        out = {"kind": self.kind}
+        out.update({k: v for k, v in asdict(self).items()})
+        return out
+
+
+@dataclass
+class NoIntervention(Intervention):
+    kind: ClassVar[str] = "none"
+
+    @property
+    def is_identity(self) -> bool:
+        return True
+
+
+@contextmanager
+def applied(interventions: list[Intervention], ctx: InterventionContext) -> Iterator[None]:
+    """Attach every intervention in order; detach in reverse order, whatever happens inside."""
+    with ExitStack() as stack:
+        for intervention in interventions:
+            stack.enter_context(intervention.attach(ctx))
+        yield
+
+
+def describe_all(interventions: list[Intervention]) -> list[dict]:
+    return [i.describe() for i in interventions]

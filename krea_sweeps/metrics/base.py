@@ -1,0 +1,47 @@
+"""The metric protocol: `needs` (what must be loaded or generated) and `compute(job) -> MetricOutput`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+# What a metric can need. `images` implies transformer + vae + generation; `baseline` implies stock images too.
+NEEDS = frozenset({"text_encoder", "text_path", "transformer", "vae", "images", "baseline"})
+
+
+@dataclass
+class MetricOutput:
+    """Scalar summaries (`<metric>/<stat>` keys), per-item rows (prompt × seed), arrays saved to the job dir,
+    and figures/images (name -> (HxWx3 array in [0, 1], caption)) for W&B."""
+
+    summary: dict[str, float] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    images: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)
+
+
+@dataclass
+class Metric:
+    name: ClassVar[str] = "metric"
+    needs: ClassVar[frozenset] = frozenset()
+
+    def validate(self, job: Any) -> None:
+        """Checks against the planned job (e.g. a baseline-able config); raise ConfigError. Runs before model load."""
+
+    def compute(self, job: Any) -> MetricOutput:
+        raise NotImplementedError
+
+
+def needs_of(metrics: list[Metric]) -> frozenset:
+    needs = set()
+    for metric in metrics:
+        needs |= metric.needs
+    if "baseline" in needs:
+        needs.add("images")
+    if "images" in needs:
+        needs |= {"transformer", "vae", "text_encoder"}
+    if needs & {"text_path", "transformer"}:
+        needs.add("text_encoder")
+    return frozenset(needs)

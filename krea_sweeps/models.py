@@ -1,0 +1,371 @@
+"""Model variants (config group `model`): what to load, loaded lazily, part by part, once per process.
+
+A sweep's jobs run one after another in one process (Hydra's basic launcher), so every loaded part lives in a
+process-level cache keyed by where it came from; a 10-job sweep loads each part once. Parameters are frozen once,
+at load: toggling `requires_grad` later changes CPU matmul paths and breaks bit-identity against a baseline.
+
+Parts: `tokenizer`, `text_encoder` (Qwen3-VL), `text_path` (`text_fusion` + `txt_in` only — read as safetensors
+slices from the DiT checkpoint, so conditioning sweeps never touch the 26 GB of DiT blocks), `transformer` (the full
+DiT), `vae`, and `pipeline` (diffusers' `Krea2Pipeline` over the parts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError, require, require_finite
+from .synthetic import SELECT_LAYERS, SCHEDULER_CONFIG, ensure_synthetic_checkpoints
+
+log = logging.getLogger(__name__)
+
+TEXT_PATH_PREFIXES = ("txtfusion.", "txtmlp.", "text_fusion.", "txt_in.")
+_CACHE: dict[tuple, Any] = {}
+LOAD_COUNTS: dict[str, int] = {}  # part -> number of real loads this process (tests read it)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+class TextPath(nn.Module):
+    """`text_fusion` and `txt_in` of a Krea 2 DiT without its blocks: diffusers' own modules, so hooks address them by
+    the same names (`text_fusion.projector`, `text_fusion.layerwise_blocks.0.attn`, …) as on the full transformer."""
+
+    def __init__(self, text_fusion: nn.Module, txt_in: nn.Module):
+        super().__init__()
+        self.text_fusion = text_fusion
+        self.txt_in = txt_in
+
+    @classmethod
+    def of(cls, transformer: nn.Module) -> "TextPath":
+        return cls(transformer.text_fusion, transformer.txt_in)
+
+    def forward(self, taps: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Fused text features (after the refiners) exactly as `Krea2Transformer2DModel.forward` computes them."""
+        text_mask = mask[:, None, None, :] if mask is not None else None
+        return self.text_fusion(taps, attention_mask=text_mask)
+
+
+@dataclass
+class ModelVariant:
+    """One Krea 2 variant. `path=None` means the synthetic model (CPU, seconds, not Krea 2's numbers)."""
+
+    name: str
+    path: str | None = None
+    text_encoder_path: str | None = None
+    tokenizer_path: str | None = None
+    vae_path: str | None = None
+    transformer_config: str | None = None
+    lora_path: str | None = None
+    lora_strength: float = 1.0
+    is_distilled: bool = False
+    steps: int = 28
+    guidance: float = 4.5
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_network: bool = False
+    offload: bool = False
+    select_layers: list[int] = field(default_factory=lambda: list(SELECT_LAYERS))
+
+    def __post_init__(self):
+        require(self.name in ("raw", "turbo", "turbo_lora"), "model.name", f"unknown variant {self.name!r}",
+                "use model=raw, model=turbo or model=turbo_lora")
+        require_finite(self.lora_strength, "model.lora_strength")
+        require(self.steps >= 1, "model.steps", f"{self.steps} steps", "give at least 1 step")
+        require_finite(self.guidance, "model.guidance")
+        require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}",
+                "use auto, float32, bfloat16 or float16")
+        if self.path is not None:
+            self.path = str(self.path)
+            if not _looks_like_hub_id(self.path):
+                require(Path(self.path).exists(), "model.path", f"{self.path} does not exist",
+                        "point model.path at a diffusers folder or a Krea 2 .safetensors checkpoint, or unset it for "
+                        "the synthetic model")
+            else:
+                require(self.allow_network, "model.path", f"{self.path!r} is not a local path",
+                        "download the weights and give their folder, or set model.allow_network=true for a hub id")
+            if self.is_single_file:
+                for key in ("text_encoder_path", "vae_path", "transformer_config"):
+                    require(getattr(self, key) is not None, f"model.{key}", "a single-file checkpoint carries only "
+                            "the DiT", f"set model.{key} (or the matching KREA2_* environment variable)")
+                _check_krea2_single_file(self.path)
+        if self.name == "turbo_lora" and self.path is not None:
+            require(self.lora_path is not None, "model.lora_path", "turbo_lora needs the Turbo LoRA file",
+                    "set model.lora_path (or KREA2_TURBO_LORA)")
+
+    @property
+    def synthetic(self) -> bool:
+        return self.path is None
+
+    @property
+    def is_single_file(self) -> bool:
+        return self.path is not None and self.path.endswith(".safetensors")
+
+    @property
+    def base(self) -> str:
+        """Which DiT weights: turbo_lora is Raw plus a LoRA."""
+        return "raw" if self.name == "turbo_lora" else self.name
+
+    def identity(self) -> dict:
+        """What makes this variant's outputs what they are (keys the encode and baseline caches)."""
+        return {"name": self.name, "path": self.path or f"synthetic:{self.base}", "lora_strength":
+                self.lora_strength if self.name == "turbo_lora" else None, "dtype": self.dtype}
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return not path.startswith((".", "/", "~")) and path.count("/") == 1 and not Path(path).exists()
+
+
+def _check_krea2_single_file(path: str) -> None:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    if not ({"txtfusion.projector.weight", "model.diffusion_model.txtfusion.projector.weight",
+             "text_fusion.projector.weight"} & keys):
+        raise ConfigError("model.path", f"{path} is not a Krea 2 checkpoint (no txtfusion.projector.weight)",
+                          "give an original/ComfyUI Krea 2 DiT .safetensors or a diffusers folder")
+
+
+# ---------------------------------------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class Sources:
+    """Concrete files for each part of a variant."""
+
+    transformer: str  # single file or diffusers folder
+    transformer_config: str | None
+    text_encoder: str
+    tokenizer: str
+    vae: str
+    lora: str | None
+    synthetic: bool
+
+
+def sources_for(variant: ModelVariant) -> Sources:
+    if variant.synthetic:
+        root = ensure_synthetic_checkpoints()
+        return Sources(
+            transformer=str(root / f"krea2_{variant.base}.safetensors"),
+            transformer_config=str(root / "transformer_config"),
+            text_encoder=str(root / "text_encoder"),
+            tokenizer=str(root / "tokenizer"),
+            vae=str(root / "vae"),
+            lora=str(root / "turbo_lora.safetensors") if variant.name == "turbo_lora" else None,
+            synthetic=True,
+        )
+    folder = variant.path
+    return Sources(
+        transformer=variant.path,
+        transformer_config=variant.transformer_config,
+        text_encoder=variant.text_encoder_path or f"{folder}/text_encoder",
+        tokenizer=variant.tokenizer_path or f"{folder}/tokenizer",
+        vae=variant.vae_path or f"{folder}/vae",
+        lora=variant.lora_path,
+        synthetic=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+def _cached(key: tuple, build):
+    if key not in _CACHE:
+        part = key[0]
+        log.info("loading %s from %s", part, key[1])
+        _CACHE[key] = build()
+        LOAD_COUNTS[part] = LOAD_COUNTS.get(part, 0) + 1
+    return _CACHE[key]
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """Move without touching dtypes (diffusers warns, rightly, about casting its float32 norms)."""
+    return module if device.type == "cpu" else module.to(device)
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+    LOAD_COUNTS.clear()
+
+
+class LoadedModel:
+    """Lazy access to one variant's parts; each part is loaded at first use and then shared process-wide."""
+
+    def __init__(self, variant: ModelVariant):
+        self.variant = variant
+        self.sources = sources_for(variant)
+        self.device = resolve_device(variant.device)
+        self.dtype = resolve_dtype(variant.dtype, self.device)
+        self._local = not variant.allow_network
+
+    def _key(self, part: str, source: str, *extra) -> tuple:
+        return (part, source, str(self.device), str(self.dtype), *extra)
+
+    @property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return _cached(self._key("tokenizer", self.sources.tokenizer),
+                       lambda: AutoTokenizer.from_pretrained(self.sources.tokenizer, local_files_only=self._local))
+
+    @property
+    def text_encoder(self):
+        from transformers import Qwen3VLModel
+
+        def build():
+            model = Qwen3VLModel.from_pretrained(self.sources.text_encoder, torch_dtype=self.dtype,
+                                                 local_files_only=self._local)
+            return _freeze(_to_device(model, self.device))
+
+        return _cached(self._key("text_encoder", self.sources.text_encoder), build)
+
+    @property
+    def transformer(self):
+        def build():
+            model = _freeze(_to_device(self._load_transformer(), self.device))
+            if self.sources.lora is not None:
+                self._attach_lora(model)
+            return model
+
+        return _cached(self._key("transformer", self.sources.transformer, self.sources.lora), build)
+
+    def set_lora_strength(self) -> None:
+        if self.sources.lora is not None:
+            self.transformer.set_adapters(["turbo"], [float(self.variant.lora_strength)])
+
+    @property
+    def text_path(self) -> TextPath:
+        """The transformer's own text modules when the full DiT is already loaded, else a slice-read of them."""
+        full_key = self._key("transformer", self.sources.transformer, self.sources.lora)
+        if full_key in _CACHE:
+            return TextPath.of(_CACHE[full_key])
+        return _cached(self._key("text_path", self.sources.transformer), self._load_text_path)
+
+    @property
+    def vae(self):
+        from diffusers import AutoencoderKLQwenImage
+
+        def build():
+            model = AutoencoderKLQwenImage.from_pretrained(self.sources.vae, torch_dtype=self.dtype,
+                                                           local_files_only=self._local)
+            return _freeze(_to_device(model, self.device))
+
+        return _cached(self._key("vae", self.sources.vae), build)
+
+    def pipeline(self):
+        """diffusers' `Krea2Pipeline` over the cached parts (cheap: it only wires them together)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline
+
+        self.set_lora_strength()
+        pipe = Krea2Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            transformer=self.transformer,
+            text_encoder_select_layers=tuple(self.variant.select_layers),
+            is_distilled=self.variant.is_distilled,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        if self.variant.offload:
+            pipe.enable_model_cpu_offload()
+        return pipe
+
+    # ---- transformer loading paths
+    def _load_transformer(self):
+        from diffusers import Krea2Transformer2DModel
+
+        src = self.sources.transformer
+        if src.endswith(".safetensors"):
+            return Krea2Transformer2DModel.from_single_file(
+                src, config=self.sources.transformer_config, torch_dtype=self.dtype, local_files_only=self._local
+            )
+        return Krea2Transformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=self.dtype,
+                                                       local_files_only=self._local)
+
+    def _transformer_config(self) -> dict:
+        from diffusers import Krea2Transformer2DModel
+
+        if self.sources.transformer.endswith(".safetensors"):
+            return dict(Krea2Transformer2DModel.load_config(self.sources.transformer_config,
+                                                            local_files_only=self._local))
+        return dict(Krea2Transformer2DModel.load_config(self.sources.transformer, subfolder="transformer",
+                                                        local_files_only=self._local))
+
+    def _load_text_path(self) -> TextPath:
+        from diffusers.models.transformers.transformer_krea2 import Krea2TextFusion, Krea2TextProjection
+
+        cfg = self._transformer_config()
+        text_fusion = Krea2TextFusion(
+            num_text_layers=cfg.get("num_text_layers", 12), dim=cfg.get("text_hidden_dim", 2560),
+            num_heads=cfg.get("text_num_attention_heads", 20), num_kv_heads=cfg.get("text_num_key_value_heads", 20),
+            intermediate_size=cfg.get("text_intermediate_size", 6912),
+            num_layerwise_blocks=cfg.get("num_layerwise_text_blocks", 2),
+            num_refiner_blocks=cfg.get("num_refiner_text_blocks", 2), eps=cfg.get("norm_eps", 1e-5),
+        )
+        hidden = cfg.get("attention_head_dim", 128) * cfg.get("num_attention_heads", 48)
+        txt_in = Krea2TextProjection(cfg.get("text_hidden_dim", 2560), hidden, eps=cfg.get("norm_eps", 1e-5))
+        path = TextPath(text_fusion, txt_in)
+        path.load_state_dict(read_text_path_tensors(self.sources.transformer), strict=True)
+        # diffusers keeps RMSNorm scales in float32 (`_keep_in_fp32_modules`); do the same.
+        path.to(device=self.device, dtype=self.dtype)
+        for name, module in path.named_modules():
+            if type(module).__name__ == "Krea2RMSNorm":
+                module.float()
+        return _freeze(path)
+
+    def _attach_lora(self, model) -> None:
+        from diffusers import Krea2Pipeline
+
+        state_dict = Krea2Pipeline.lora_state_dict(self.sources.lora)
+        Krea2Pipeline.load_lora_into_transformer(state_dict, transformer=model, adapter_name="turbo")
+        model.requires_grad_(False)
+
+
+def text_path_files(source: str) -> list[str]:
+    """The safetensors files that may hold the text path: the single file, or the shards an index names for it."""
+    if source.endswith(".safetensors"):
+        return [source]
+    folder = Path(source) / "transformer"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({str(folder / f) for k, f in weight_map.items() if k.startswith(("text_fusion.", "txt_in."))})
+    return [str(folder / "diffusion_pytorch_model.safetensors")]
+
+
+def read_text_path_tensors(source: str) -> dict[str, torch.Tensor]:
+    """Read only the `text_fusion` / `txt_in` tensors (safetensors slices) and rename them to diffusers' names."""
+    from safetensors import safe_open
+    from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
+
+    tensors = {}
+    for file in text_path_files(source):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                bare = key.replace("model.diffusion_model.", "")
+                if bare.startswith(TEXT_PATH_PREFIXES):
+                    tensors[key] = f.get_tensor(key)
+    return convert_krea2_transformer_checkpoint_to_diffusers(tensors)
+
+
+def load_model(variant: ModelVariant) -> LoadedModel:
+    return LoadedModel(variant)

@@ -1,0 +1,179 @@
+"""Plan: turn a composed Hydra config into validated objects, before any model is loaded.
+
+Everything a job will do is decided here — which variant and parts, which prompts and seeds, which interventions and
+metrics, where results go — so bad input fails in one line naming the config key, and nothing is half-written.
+This module imports no torch-heavy code at top level: `--help` and config errors stay instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError, require
+
+# Overrides that do not change a job's result: they never enter its directory name.
+NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective")
+NON_RESULT_PREFIXES = ("wandb.", "hydra.", "hydra/", "model.device", "model.offload")
+
+
+def job_slug(override_dirname: str) -> str:
+    """A job's directory name from its result-changing overrides: readable, filesystem-safe, unique (hashed)."""
+    parts = [p for p in _split_overrides(override_dirname) if not _ignored(p)]
+    if not parts:
+        return "stock"
+    text = ",".join(sorted(parts))
+    readable = re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", text)[:80].strip("_")
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
+
+
+def _split_overrides(s: str) -> list[str]:
+    """Split Hydra's `k=v,k2=[a,b]` override_dirname on the commas between overrides, not inside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in s or "":
+        if ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _ignored(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key in NON_RESULT_KEYS or key.startswith(NON_RESULT_PREFIXES)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("job_slug"):
+        OmegaConf.register_new_resolver("job_slug", job_slug)
+
+
+def instantiate(node: Any, key: str):
+    """`hydra.utils.instantiate` that surfaces our one-line ConfigError instead of Hydra's wrapped traceback."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(key, message, f"check the `{key}` config (HYDRA_FULL_ERROR=1 shows the cause)") from None
+    except TypeError as e:
+        raise ConfigError(key, str(e), f"check the keys of the `{key}` config") from None
+
+
+def normalise_seeds(seeds) -> list[int]:
+    if isinstance(seeds, (int, str)) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    require(seeds is not None and len(seeds) > 0, "seeds", "no seeds given", "give e.g. seeds=[0] or -m seeds=0,1")
+    try:
+        return [int(s) for s in seeds]
+    except (TypeError, ValueError):
+        raise ConfigError("seeds", f"{seeds} are not integers", "give integer seeds, e.g. seeds=[0,1]") from None
+
+
+@dataclass
+class Job:
+    """Everything one job will do, validated."""
+
+    cfg: DictConfig
+    variant: Any
+    sampler: Any  # resolved against the variant
+    prompt_set: Any
+    prompts: list[str]
+    seeds: list[int]
+    interventions: list[Any]
+    metrics: list[Any]
+    wandb: Any
+    needs: frozenset
+    job_dir: Path
+    sweep_dir: Path | None
+    name: str
+    group: str
+    experiment: str
+    multirun: bool
+    force: bool = False
+    fail_fast: bool = False
+    objective: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def generates(self) -> bool:
+        return "images" in self.needs
+
+    @property
+    def is_stock(self) -> bool:
+        return all(i.is_identity for i in self.interventions)
+
+
+def effective_interventions(cfg: DictConfig) -> list:
+    """`intervention` (one, from the group) is sugar for a list of one; `interventions` lists several, in order."""
+    items = []
+    if cfg.get("intervention") is not None:
+        items.append(("intervention", cfg.intervention))
+    for i, node in enumerate(cfg.get("interventions") or []):
+        items.append((f"interventions[{i}]", node))
+    objects = [instantiate(node, key) for key, node in items]
+    non_identity = [o for o in objects if not o.is_identity]
+    return non_identity or objects[:1]
+
+
+def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
+    from .interventions import InterventionContext
+    from .metrics import needs_of
+
+    variant = instantiate(cfg.model, "model")
+    sampler = instantiate(cfg.sampler, "sampler").resolved(variant)
+    prompt_set = instantiate(cfg.prompts, "prompts")
+    prompts = prompt_set.load()
+    seeds = normalise_seeds(cfg.get("seeds"))
+    interventions = effective_interventions(cfg)
+    ictx = InterventionContext(num_steps=sampler.steps)
+    for intervention in interventions:
+        intervention.validate(ictx)
+    metric_nodes = cfg.get("metrics") or {}
+    require(len(metric_nodes) > 0, "metrics", "no metrics selected", "select some, e.g. metrics=[image_stats]")
+    metrics = [instantiate(node, f"metrics.{name}") for name, node in metric_nodes.items()]
+    wandb_cfg = instantiate(cfg.wandb, "wandb")
+
+    job_dir, sweep_dir, name, multirun = _locations(hydra_cfg)
+    experiment = str(cfg.get("name", "default"))
+    job = Job(
+        cfg=cfg, variant=variant, sampler=sampler, prompt_set=prompt_set, prompts=prompts, seeds=seeds,
+        interventions=interventions, metrics=metrics, wandb=wandb_cfg, needs=needs_of(metrics), job_dir=job_dir,
+        sweep_dir=sweep_dir, name=name, group=sweep_dir.name if sweep_dir else experiment, experiment=experiment,
+        multirun=multirun, force=bool(cfg.get("force", False)), fail_fast=bool(cfg.get("fail_fast", False)),
+        objective=cfg.get("objective"),
+    )
+    for metric in metrics:
+        metric.validate(job)
+    return job
+
+
+def _locations(hydra_cfg: DictConfig | None) -> tuple[Path, Path | None, str, bool]:
+    if hydra_cfg is None:  # called outside Hydra (tests, notebooks)
+        return Path("outputs/adhoc"), None, "adhoc", False
+    from hydra.types import RunMode
+
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep_dir = Path(hydra_cfg.sweep.dir) if multirun else None
+    return job_dir, sweep_dir, job_dir.name, multirun

@@ -1,0 +1,211 @@
+"""Prompt sets (config group `prompts`) and encoding exactly as Krea 2 does it.
+
+`encode` reproduces `Krea2Pipeline.get_text_hidden_states` token for token: the Qwen-Image template prefix, the
+prompt padded to `max_sequence_length` (+ prefix − suffix), the 5-token suffix after the padding, positions that count
+only real tokens (broadcast over the 3 mRoPE axes), the 12 tapped hidden states stacked, the prefix dropped. The prefix
+length is measured with the tokenizer (34 for Qwen's) rather than trusted.
+
+A prompt that starts with `<|im_start|>` takes the raw chat-template route: it is tokenized verbatim and cut at the
+user turn (Krea 2 discards the system turn), so `<think>` blocks in the assistant turn reach the DiT.
+
+Encoded taps are cached in memory and on disk (safetensors keyed by encoder identity + template + prompt + length):
+each prompt is encoded once per sweep, not once per job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, require
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_PREFIX = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
+)
+TEMPLATE_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+USER_TURN = "<|im_start|>user\n"
+RAW_ROUTE_MARK = "<|im_start|>"
+
+
+# ----------------------------------------------------------------------------------------------------- prompt sets
+@dataclass
+class PromptSet:
+    """A named list of prompts (`conf/prompts/<name>.yaml`)."""
+
+    name: str
+    prompts: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.prompts = [str(p) for p in self.prompts]
+        require(len(self.prompts) > 0, "prompts.prompts", f"prompt set {self.name!r} is empty",
+                "give at least one prompt")
+        for p in self.prompts:
+            require(p.strip() != "", "prompts.prompts", f"prompt set {self.name!r} has an empty prompt",
+                    "remove empty entries")
+
+    def load(self) -> list[str]:
+        return list(self.prompts)
+
+
+@dataclass
+class PromptFile(PromptSet):
+    """One prompt per line; blank lines and `#` comments are skipped (`prompts=file prompts.path=...`)."""
+
+    path: str | None = None
+
+    def __post_init__(self):
+        require(self.path is not None, "prompts.path", "no prompt file given", "set prompts.path=/path/to/prompts.txt")
+        file = Path(self.path).expanduser()
+        require(file.is_file(), "prompts.path", f"{file} does not exist", "give an existing text file, one prompt a line")
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ConfigError("prompts.path", f"{file} is not UTF-8 text ({e.reason})", "save it as UTF-8") from None
+        self.prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        require(len(self.prompts) > 0, "prompts.path", f"{file} holds no prompts",
+                "write one prompt per line (lines starting with # are comments)")
+
+
+# ------------------------------------------------------------------------------------------------------ encoding
+@dataclass
+class Encoded:
+    """Tapped hidden states [B, T, 12, D] and the valid-token mask [B, T] of a batch of prompts (prefix dropped)."""
+
+    taps: torch.Tensor
+    mask: torch.Tensor
+
+    def index(self, i: int) -> "Encoded":
+        return Encoded(self.taps[i : i + 1], self.mask[i : i + 1])
+
+
+def prefix_length(tokenizer) -> int:
+    """Token count of the template prefix (34 with Qwen's tokenizer; the pipeline hard-codes it)."""
+    return len(tokenizer(TEMPLATE_PREFIX).input_ids)
+
+
+def suffix_length(tokenizer) -> int:
+    return len(tokenizer(TEMPLATE_SUFFIX).input_ids)
+
+
+def is_raw_route(prompt: str) -> bool:
+    return prompt.lstrip().startswith(RAW_ROUTE_MARK)
+
+
+def split_raw_chat(prompt: str) -> tuple[str, str]:
+    """Split a raw chat-template prompt into (user text, everything after the user turn's end).
+
+    The system turn is discarded (Krea 2 supplies its own); the tail — `<|im_end|>\\n<|im_start|>assistant\\n…` with
+    any `<think>` block — replaces the standard suffix, so it sits after the padding as the suffix does.
+    """
+    start = prompt.find(USER_TURN)
+    if start < 0:
+        raise ConfigError("prompts", f"raw chat prompt has no user turn: {prompt[:60]!r}",
+                          f"include '{USER_TURN.strip()}' followed by the prompt")
+    body = prompt[start + len(USER_TURN) :]
+    end = body.find("<|im_end|>")
+    if end < 0:
+        return body, TEMPLATE_SUFFIX
+    return body[:end], body[end:]
+
+
+def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Input ids and mask in Krea 2's layout `[prefix | prompt | PAD | suffix]`, and the prefix length to drop."""
+    prefix_idx = prefix_length(tokenizer)
+    ids, masks = [], []
+    for prompt in prompts:
+        body, suffix = split_raw_chat(prompt) if is_raw_route(prompt) else (prompt, TEMPLATE_SUFFIX)
+        n_suffix = len(tokenizer(suffix).input_ids)
+        text = tokenizer([TEMPLATE_PREFIX + body], truncation=True, padding="max_length",
+                         max_length=max_sequence_length + prefix_idx - n_suffix, return_tensors="pt")
+        tail = tokenizer([suffix], return_tensors="pt")
+        ids.append(torch.cat([text.input_ids, tail.input_ids], dim=1))
+        masks.append(torch.cat([text.attention_mask, tail.attention_mask], dim=1).bool())
+    return torch.cat(ids), torch.cat(masks), prefix_idx
+
+
+@torch.no_grad()
+def encode(tokenizer, text_encoder, prompts: list[str], max_sequence_length: int,
+           select_layers: tuple[int, ...]) -> Encoded:
+    """`Krea2Pipeline.get_text_hidden_states`, with the prefix length measured and the raw chat route added."""
+    input_ids, attention_mask, prefix_idx = tokenize(tokenizer, prompts, max_sequence_length)
+    device = text_encoder.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+    outputs = text_encoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           output_hidden_states=True)
+    taps = torch.stack([outputs.hidden_states[i] for i in select_layers], dim=2)
+    return Encoded(taps[:, prefix_idx:], attention_mask[:, prefix_idx:])
+
+
+def content_mask(mask: torch.Tensor, tokenizer=None, num_suffix: int = 5) -> torch.Tensor:
+    """Content tokens: valid tokens after the prefix drop, minus the trailing template suffix (the last
+    `num_suffix` valid tokens). This is what the attention metrics average over."""
+    valid_counts = mask.long().cumsum(-1)
+    total = mask.long().sum(-1, keepdim=True)
+    return mask & (valid_counts <= (total - num_suffix))
+
+
+class EncodeCache:
+    """Each prompt encoded once: an in-memory dict in front of a safetensors file per prompt on disk."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = Path(folder) if folder else None
+        self.memory: dict[str, Encoded] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(identity: dict, prompt: str, max_sequence_length: int) -> str:
+        blob = json.dumps({"enc": identity, "prefix": TEMPLATE_PREFIX, "suffix": TEMPLATE_SUFFIX, "prompt": prompt,
+                           "len": max_sequence_length}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def get(self, model, prompts: list[str], max_sequence_length: int) -> Encoded:
+        """Encoded taps for `prompts` (batch in order), encoding only those not cached in memory or on disk."""
+        from safetensors.torch import load_file, save_file
+
+        identity = {"text_encoder": model.sources.text_encoder, "dtype": str(model.dtype),
+                    "layers": list(model.variant.select_layers)}
+        out = []
+        for prompt in prompts:
+            k = self.key(identity, prompt, max_sequence_length)
+            if k not in self.memory:
+                file = self.folder / f"{k}.safetensors" if self.folder else None
+                if file is not None and file.exists():
+                    t = load_file(str(file), device=str(model.device))
+                    self.memory[k] = Encoded(t["taps"], t["mask"])
+                    self.hits += 1
+                else:
+                    self.misses += 1
+                    enc = encode(model.tokenizer, model.text_encoder, [prompt], max_sequence_length,
+                                 tuple(model.variant.select_layers))
+                    self.memory[k] = enc
+                    if file is not None:
+                        file.parent.mkdir(parents=True, exist_ok=True)
+                        tmp = file.with_suffix(f".tmp{os.getpid()}")
+                        save_file({"taps": enc.taps.contiguous().cpu(), "mask": enc.mask.cpu()}, str(tmp))
+                        tmp.replace(file)
+            else:
+                self.hits += 1
+            out.append(self.memory[k])
+        return Encoded(torch.cat([e.taps for e in out]), torch.cat([e.mask for e in out]))
+
+
+_ENCODE_CACHES: dict[str, EncodeCache] = {}
+
+
+def encode_cache(folder: Path | None) -> EncodeCache:
+    """One cache per folder per process (the sweep's folder), shared by the jobs of a multirun."""
+    key = str(folder)
+    if key not in _ENCODE_CACHES:
+        _ENCODE_CACHES[key] = EncodeCache(folder)
+    return _ENCODE_CACHES[key]

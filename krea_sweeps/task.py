@@ -1,0 +1,302 @@
+"""Execute one planned job: encode → (baseline, generate) → metrics → files → W&B.
+
+The order matters for faithfulness and speed: prompts are encoded once (cache), stock images once per
+(variant, prompt, seed, sampler) and shared by every job of the sweep, interventions are attached only around the
+intervened work and always removed, and `result.json` is written last and atomically — it is the job's "done" mark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from .plan import Job
+
+log = logging.getLogger("krea_sweeps")
+
+SYNTHETIC_WARNING = ("synthetic Krea 2 (tiny, random weights; real tokenizer and projector values): its numbers test "
+                     "the tool, they are not Krea 2 findings")
+
+
+# --------------------------------------------------------------------------------------------------- file helpers
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(tmp)
+    tmp.replace(path)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "hydra-core", "wandb", "krea_sweeps"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class Timings(dict):
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------- baseline cache
+_BASELINES: dict[str, np.ndarray] = {}
+
+
+def baseline_key(job: Job, prompt: str, seed: int) -> str:
+    blob = json.dumps({"variant": job.variant.identity(), "sampler": job.sampler.identity(), "prompt": prompt,
+                       "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def baseline_folder(job: Job) -> Path:
+    return (job.sweep_dir or job.job_dir.parent) / "_baselines"
+
+
+def cached_baseline(job: Job, key: str) -> np.ndarray | None:
+    if key in _BASELINES:
+        return _BASELINES[key]
+    file = baseline_folder(job) / f"{key}.npy"
+    if file.exists():
+        _BASELINES[key] = np.load(file)
+        return _BASELINES[key]
+    return None
+
+
+def store_baseline(job: Job, key: str, image: np.ndarray) -> None:
+    _BASELINES[key] = image
+    file = baseline_folder(job) / f"{key}.npy"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.stem}.tmp{os.getpid()}.npy")
+    np.save(tmp, image)
+    tmp.replace(file)
+
+
+BASELINE_GENERATIONS = {"count": 0}  # stock images actually generated this process (tests read it)
+
+
+# ------------------------------------------------------------------------------------------------- job context
+@dataclass
+class JobContext:
+    """What metrics see: the plan, the loaded model, encoded prompts, images, and a way to intervene."""
+
+    job: Job
+    model: Any
+    encoded: Any = None
+    negative: Any = None
+    images: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    baseline_images: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.job.prompts
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.job.seeds
+
+    @property
+    def job_dir(self) -> Path:
+        return self.job.job_dir
+
+    @property
+    def interventions(self) -> list:
+        return self.job.interventions
+
+    @property
+    def text_path(self):
+        return self.model.text_path
+
+    def encode(self, prompts: list[str]):
+        from .prompts import encode_cache
+
+        return encode_cache(self.encode_folder).get(self.model, prompts, self.job.sampler.max_sequence_length)
+
+    @property
+    def encode_folder(self) -> Path:
+        return (self.job.sweep_dir or self.job.job_dir.parent) / "_encoded"
+
+    def intervention_context(self):
+        from .interventions import InterventionContext
+
+        return InterventionContext(text_path=self.text_path, encode=self.encode, num_steps=self.job.sampler.steps)
+
+    @contextmanager
+    def intervened(self):
+        """The job's interventions attached to the text path (and removed on exit, whatever happens)."""
+        from .interventions import applied
+
+        with applied(self.job.interventions, self.intervention_context()):
+            yield
+
+    def fuse(self, encoded=None, intervened: bool = True):
+        """Fused text features [B, T, D] (after the refiners) for `encoded` (default: the job's prompts)."""
+        import torch
+
+        enc = encoded if encoded is not None else self.encoded
+        with torch.no_grad():
+            if intervened:
+                with self.intervened():
+                    return self.text_path(enc.taps, enc.mask)
+            return self.text_path(enc.taps, enc.mask)
+
+
+# ------------------------------------------------------------------------------------------------------ execute
+def generate_images(ctx: JobContext, pipe, with_interventions: bool, keys: list[tuple[int, int]],
+                    desc: str) -> dict[tuple[int, int], np.ndarray]:
+    from tqdm.auto import tqdm
+
+    from .prompts import Encoded
+    from .sampler import generate
+
+    job = ctx.job
+    out = {}
+    bar = tqdm(total=len(keys) * job.sampler.steps, desc=desc, unit="step", leave=False,
+               disable=os.environ.get("KREA_SWEEPS_PROGRESS", "1") == "0")
+    scope = ctx.intervened() if with_interventions else _nullcontext()
+    with scope:
+        for p, seed in keys:
+            out[(p, seed)] = generate(pipe, job.sampler, ctx.encoded.index(p), ctx.negative, seed,
+                                      on_step=lambda: bar.update(1))
+    bar.close()
+    return out
+
+
+@contextmanager
+def _nullcontext():
+    yield
+
+
+def produce_images(ctx: JobContext) -> None:
+    job = ctx.job
+    keys = [(p, s) for p in range(len(job.prompts)) for s in job.seeds]
+    with ctx.timings.phase("load"):
+        pipe = ctx.model.pipeline()
+    ctx.negative = ctx.encode([job.sampler.negative_prompt])
+    if "baseline" in job.needs or job.is_stock:
+        missing = []
+        for p, s in keys:
+            image = cached_baseline(job, baseline_key(job, job.prompts[p], s))
+            if image is None:
+                missing.append((p, s))
+            else:
+                ctx.baseline_images[(p, s)] = image
+        if missing:
+            with ctx.timings.phase("baseline"):
+                fresh = generate_images(ctx, pipe, False, missing, "stock images")
+            BASELINE_GENERATIONS["count"] += len(fresh)
+            for (p, s), image in fresh.items():
+                store_baseline(job, baseline_key(job, job.prompts[p], s), image)
+            ctx.baseline_images.update(fresh)
+    if job.is_stock:
+        ctx.images = dict(ctx.baseline_images)
+    else:
+        with ctx.timings.phase("generate"):
+            ctx.images = generate_images(ctx, pipe, True, keys, f"{job.name[:40]}")
+    for (p, s), image in ctx.images.items():
+        save_png(job.job_dir / "images" / f"p{p:02d}_s{s}.png", image)
+
+
+def contact_sheet(images: dict[tuple[int, int], np.ndarray], prompts: int, seeds: list[int]) -> np.ndarray:
+    """Rows = prompts, columns = seeds, 2-pixel white gutters."""
+    first = next(iter(images.values()))
+    h, w, _ = first.shape
+    g = 2
+    sheet = np.ones((prompts * (h + g) - g, len(seeds) * (w + g) - g, 3), dtype=np.float32)
+    for (p, s), img in images.items():
+        c = seeds.index(s)
+        sheet[p * (h + g) : p * (h + g) + h, c * (w + g) : c * (w + g) + w] = img
+    return sheet
+
+
+def execute(job: Job) -> dict:
+    """Run one planned job and return its record (not yet written)."""
+    import torch
+
+    from .models import LoadedModel
+    from .prompts import encode_cache
+
+    ctx = JobContext(job=job, model=LoadedModel(job.variant))
+    with ctx.timings.phase("encode"):
+        ctx.encoded = ctx.encode(job.prompts)
+    if "text_path" in job.needs and not job.generates:
+        with ctx.timings.phase("load"):
+            ctx.model.text_path  # noqa: B018 - load the slice now so its time is booked as load
+    if job.generates:
+        produce_images(ctx)
+    summary, rows, images = {}, [], {}
+    arrays_dir = job.job_dir / "arrays"
+    with ctx.timings.phase("metrics"), torch.no_grad():
+        for metric in job.metrics:
+            out = metric.compute(ctx)
+            summary.update(out.summary)
+            for r in out.rows:
+                rows.append({"metric": metric.name, **r})
+            for name, array in out.arrays.items():
+                arrays_dir.mkdir(parents=True, exist_ok=True)
+                np.save(arrays_dir / f"{metric.name}.{name}.npy", array)
+            images.update(out.images)
+    if ctx.images:
+        sheet = contact_sheet(ctx.images, len(job.prompts), job.seeds)
+        save_png(job.job_dir / "contact_sheet.png", sheet)
+        images["contact_sheet"] = (sheet, f"{job.name}: rows = prompts, cols = seeds {job.seeds}")
+        for (p, s), img in ctx.images.items():
+            images[f"images/p{p:02d}_s{s}"] = (img, f"{job.prompts[p][:80]} | seed {s} | {_intervention_label(job)}")
+    return {
+        "summary": summary,
+        "rows": rows,
+        "images": sorted(str(Path("images") / f"p{p:02d}_s{s}.png") for p, s in ctx.images),
+        "timings": dict(ctx.timings),
+        "_wandb_images": images,
+        "encode_cache": {"hits": encode_cache(ctx.encode_folder).hits, "misses": encode_cache(ctx.encode_folder).misses},
+    }
+
+
+def _intervention_label(job: Job) -> str:
+    parts = []
+    for i in job.interventions:
+        d = i.describe()
+        bits = [d["kind"]] + [f"{k}={d[k]}" for k in ("site", "slot", "layer", "strength") if d.get(k) is not None]
+        parts.append(" ".join(str(b) for b in bits))
+    return "; ".join(parts)

@@ -1,0 +1,140 @@
+"""Weights & Biases (config group `wandb`): one run per job, files first, W&B second.
+
+The job's files are the record; W&B is a view of them. So every W&B call is guarded: an error there logs a warning
+and the job goes on. In one process `wandb.init` would hand back the previous run, so each job finishes the previous
+one explicitly (`reinit="finish_previous"`). Without an API key runs go offline into the job dir, to `wandb sync`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import require
+
+log = logging.getLogger(__name__)
+
+
+def has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "krea_sweeps"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_images: bool = True
+
+    def __post_init__(self):
+        require(self.mode in ("auto", "online", "offline", "disabled"), "wandb.mode", f"unknown mode {self.mode!r}",
+                "use auto, online, offline or disabled")
+
+    def resolved_mode(self) -> str:
+        if self.mode == "auto":
+            return "online" if has_api_key() else "offline"
+        return self.mode
+
+
+class Tracker:
+    """A guarded W&B run for one job."""
+
+    def __init__(self, config: WandbConfig):
+        self.config = config
+        self.mode = config.resolved_mode()
+        self.run = None
+        self.run_dir: str | None = None
+
+    def start(self, *, job_dir: Path, name: str, group: str, job_type: str, tags: list[str], config: dict) -> None:
+        if self.mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=self.config.project, entity=self.config.entity, mode=self.mode, dir=str(job_dir),
+                name=name, group=group, job_type=job_type, tags=sorted(set(tags) | set(self.config.tags)),
+                config=config, reinit="finish_previous",
+                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+            )
+            self.run_dir = str(Path(self.run.dir).parent) if self.run is not None else None
+        except Exception as e:  # a W&B failure never fails the job
+            log.warning("W&B init failed (%s); the job's files are still written", e)
+            self.run = None
+
+    def _guard(self, what: str, fn) -> None:
+        if self.run is None:
+            return
+        try:
+            fn()
+        except Exception as e:
+            log.warning("W&B %s failed: %s", what, e)
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        def do():
+            for k, v in summary.items():
+                self.run.summary[k] = v
+
+        self._guard("summary", do)
+
+    def log_table(self, name: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+
+        def do():
+            import wandb
+
+            columns = sorted({k for r in rows for k in r})
+            data = [[_plain(r.get(c)) for c in columns] for r in rows]
+            self.run.log({name: wandb.Table(columns=columns, data=data)})
+
+        self._guard("table", do)
+
+    def log_images(self, images: dict[str, tuple[np.ndarray, str]]) -> None:
+        if not images or not self.config.log_images:
+            return
+
+        def do():
+            import wandb
+
+            self.run.log({k: wandb.Image(_to_uint8(img), caption=cap) for k, (img, cap) in images.items()})
+
+        self._guard("images", do)
+
+    def finish(self, failed: bool = False) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=1 if failed else 0)
+        except Exception as e:
+            log.warning("W&B finish failed: %s", e)
+        self.run = None
+
+    def where(self) -> dict:
+        info = {"mode": self.mode, "dir": self.run_dir}
+        if self.mode == "offline" and self.run_dir:
+            info["sync"] = f"wandb sync {self.run_dir}"
+        return info
+
+
+def _plain(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (list, tuple, dict)):
+        return str(value)
+    return value
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,45 @@
+"""Entry point: compose (Hydra) → plan → execute → record. Everything else lives in `krea_sweeps/`.
+
+    python run.py                                   # default job: synthetic Turbo, smoke prompts, W&B offline
+    python run.py -m intervention=solo intervention.slot='range(0,12)'   # a sweep, one W&B run per job
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from krea_sweeps.errors import ConfigError
+from krea_sweeps.plan import register_resolvers
+
+register_resolvers()
+log = logging.getLogger("krea_sweeps")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    from krea_sweeps.runner import run_job
+
+    try:
+        return run_job(cfg, HydraConfig.get())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def exit_with_failures() -> None:
+    from krea_sweeps.runner import FAILED_JOBS
+
+    if FAILED_JOBS:
+        print(f"{len(FAILED_JOBS)} job(s) failed (see failed.json in each job dir):", file=sys.stderr)
+        for line in FAILED_JOBS:
+            print(f"  - {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
+    exit_with_failures()
