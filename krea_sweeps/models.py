@@ -229,8 +229,10 @@ class LoadedModel:
     @property
     def text_encoder(self):
         from transformers import Qwen3VLModel
+        from transformers.utils import logging as hf_logging
 
         def build():
+            hf_logging.disable_progress_bar()  # one log line per part is enough
             model = Qwen3VLModel.from_pretrained(self.sources.text_encoder, torch_dtype=self.dtype,
                                                  local_files_only=self._local)
             return _freeze(_to_device(model, self.device))
@@ -294,12 +296,15 @@ class LoadedModel:
         from diffusers import Krea2Transformer2DModel
 
         src = self.sources.transformer
+        # The synthetic checkpoints are float32 already; casting them anyway only triggers diffusers' cast warning.
+        same = self.sources.synthetic and self.dtype == torch.float32
+        dtype = {} if same else {"torch_dtype": self.dtype}
         if src.endswith(".safetensors"):
             return Krea2Transformer2DModel.from_single_file(
-                src, config=self.sources.transformer_config, torch_dtype=self.dtype, local_files_only=self._local
+                src, config=self.sources.transformer_config, local_files_only=self._local, **dtype
             )
-        return Krea2Transformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=self.dtype,
-                                                       local_files_only=self._local)
+        return Krea2Transformer2DModel.from_pretrained(src, subfolder="transformer", local_files_only=self._local,
+                                                       **dtype)
 
     def _transformer_config(self) -> dict:
         from diffusers import Krea2Transformer2DModel

@@ -1,0 +1,58 @@
+"""Shared fixtures: the synthetic model loaded once per test session, Hydra composition, CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("KREA_SWEEPS_PROGRESS", "0")
+sys.path.insert(0, str(Path(__file__).parent))  # tests/wandb_offline.py
+
+
+@pytest.fixture(scope="session")
+def turbo():
+    """The synthetic Turbo model (parts load lazily and are cached for the whole session)."""
+    from krea_sweeps.models import LoadedModel, ModelVariant
+
+    return LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=8, guidance=0.0))
+
+
+@pytest.fixture(scope="session")
+def raw():
+    from krea_sweeps.models import LoadedModel, ModelVariant
+
+    return LoadedModel(ModelVariant(name="raw"))
+
+
+def compose(overrides: list[str] | None = None):
+    """The composed config for `overrides`, as run.py would see it (without running)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from krea_sweeps.plan import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in `cwd` (outputs land in cwd/outputs), W&B offline, no progress bars."""
+    full_env = {**os.environ, "KREA_SWEEPS_PROGRESS": "0", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    def _run(*args, **kw):
+        return run_cli(list(args), tmp_path, **kw)
+
+    _run.cwd = tmp_path
+    return _run
