@@ -26,8 +26,19 @@ def main(cfg: DictConfig):
     try:
         return run_job(cfg, HydraConfig.get())
     except ConfigError as e:
+        discard_unused_job_dir(HydraConfig.get().runtime.output_dir)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def discard_unused_job_dir(path: str) -> None:
+    """Hydra creates the job dir before the task runs; a job rejected at planning leaves nothing behind."""
+    import shutil
+    from pathlib import Path
+
+    job_dir = Path(path)
+    if job_dir.is_dir() and {p.name for p in job_dir.iterdir()} <= {".hydra", "run.log"}:
+        shutil.rmtree(job_dir, ignore_errors=True)
 
 
 def exit_with_failures() -> None:
