@@ -125,7 +125,8 @@ class Job:
 
 
 def effective_interventions(cfg: DictConfig) -> list:
-    """`intervention` (one, from the group) is sugar for a list of one; `interventions` lists several, in order."""
+    """`intervention` (one, from the group) is sugar for a list of one; `interventions` lists several, in order
+    after it, e.g. `'interventions=[{_target_: krea_sweeps.interventions.Knockout, keys: [L20]}]'`."""
     items = []
     if cfg.get("intervention") is not None:
         items.append(("intervention", cfg.intervention))

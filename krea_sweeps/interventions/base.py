@@ -66,6 +66,10 @@ class Intervention:
         out.update({k: v for k, v in asdict(self).items()})
         return out
 
+    def report(self) -> dict:
+        """Numbers learned while attached (e.g. steer's pair consistency), for the job's summary."""
+        return {}
+
 
 @dataclass
 class NoIntervention(Intervention):

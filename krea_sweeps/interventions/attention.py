@@ -1,0 +1,110 @@
+"""Cross-layer attention knockout: in Krea 2's layerwise text-fusion blocks, chosen queries may not attend to chosen
+key layers (e.g. remove the L20 hub).
+
+The layerwise blocks run attention over the 12-tap axis with no mask (`block(hidden_states)`), so a forward-pre-hook
+on `layerwise_blocks[i].attn` can inject a boolean `attention_mask` ([1, 1, 1, 12], or [1, 1, 12, 12] when only
+some queries lose the keys) that diffusers' processor hands to its attention kernel unchanged — no processor swap,
+nothing to restore but the hook. A query row with every key masked has no softmax (an explicit computation gives
+NaN, SDPA gives zeros, other kernels may differ), so such rows are defined as "attention contributes nothing": a
+forward hook zeroes their output, whatever the kernel.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+
+from ..errors import require
+from .base import Intervention, InterventionContext
+from .sites import NUM_SLOTS, block_indices, hooked, layer_of, layerwise_attention, slot_indices
+
+
+def key_mask(keys_visible: list[bool], queries: list[int] | None = None) -> torch.Tensor:
+    """Bool mask (True = may attend): [1, 1, 1, 12] for every query, or [1, 1, 12, 12] for the listed queries."""
+    visible = torch.tensor(keys_visible, dtype=torch.bool)
+    if queries is None:
+        return visible.view(1, 1, 1, NUM_SLOTS)
+    mask = torch.ones(NUM_SLOTS, NUM_SLOTS, dtype=torch.bool)
+    mask[queries] = visible
+    return mask.view(1, 1, NUM_SLOTS, NUM_SLOTS)
+
+
+@contextmanager
+def masked_attention(intervention: Intervention, ctx: InterventionContext, blocks: list[int], mask: torch.Tensor,
+                     key: str) -> Iterator[None]:
+    """Inject `mask` into the given layerwise blocks' attention while `intervention` is active (ANDed with any mask
+    already there, so knockouts compose)."""
+    dead_rows = ~mask.any(-1).view(-1)  # [1] or [12]: queries with no visible key
+
+    def pre(module, args, kwargs):
+        if not intervention.active(ctx.state):
+            return None
+        m = mask.to(args[0].device)
+        existing = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        if existing is not None:
+            m = existing.bool() & m
+        if len(args) > 1:
+            return (args[0], m, *args[2:]), kwargs
+        return args, {**kwargs, "attention_mask": m}
+
+    def zero_dead(module, args, output):
+        if not intervention.active(ctx.state):
+            return None
+        rows = dead_rows.to(output.device).expand(output.shape[-2])
+        return output.masked_fill(rows[:, None], 0.0)
+
+    with ExitStack() as stack:
+        for b in blocks:
+            attn = layerwise_attention(ctx, b, key)
+            stack.enter_context(hooked(attn, pre, pre=True, with_kwargs=True))
+            if bool(dead_rows.any()):
+                stack.enter_context(hooked(attn, zero_dead))
+        yield
+
+
+@dataclass
+class Knockout(Intervention):
+    """No query (or only `queries`) in the chosen layerwise `blocks` may attend to the `keys` (slots: `6` or `L20`).
+
+    `keys: []` is the identity and installs nothing (an all-True mask would switch the attention kernel's code path).
+    """
+
+    keys: list[Any] | None = None
+    queries: list[Any] | None = None
+    blocks: list[int] | None = None
+
+    kind: ClassVar[str] = "knockout"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.keys = slot_indices(self.keys, "intervention.keys")
+        if self.queries is not None:
+            self.queries = slot_indices(self.queries, "intervention.queries")
+            require(len(self.queries) > 0, "intervention.queries", "an empty query list knocks out nothing",
+                    "give queries, or null for all")
+        self.blocks = block_indices(self.blocks, "intervention.blocks")
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.keys
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return key_mask([k not in self.keys for k in range(NUM_SLOTS)], self.queries)
+
+    @contextmanager
+    def attach(self, ctx: InterventionContext) -> Iterator[None]:
+        if self.is_identity:
+            yield
+            return
+        with masked_attention(self, ctx, self.blocks, self.mask, "intervention.blocks"):
+            yield
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(site="fusion_attention", key_layers=[layer_of(k) for k in self.keys],
+                   query_layers=None if self.queries is None else [layer_of(q) for q in self.queries])
+        return out

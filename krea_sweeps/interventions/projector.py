@@ -1,0 +1,265 @@
+"""Per-slot gains on Krea 2's projector (`text_fusion.projector`, Linear(12 → 1)): solo, leave-one-out, rebalance,
+and the seed's `.diff` LoRA files.
+
+The model card's semantics: gains g (one per slot), strength s, effective weight w' = w ⊙ (1 + s(g − 1)); s = 1 and
+g = e_k keep the learned w_k and zero the other 11 (a "solo" probe). The same multiplier can act at other sites, which
+give *different* outputs, so the site is always recorded:
+- `projector`: a forward hook returns `F.linear(x, w')` — bit-identical to replacing the weight, but computed at call
+  time, so it can be gated to the positive CFG branch and a step window, and nothing is ever written to the weight;
+- `slots`: the projector's inputs are scaled (equal to `projector` up to float rounding — a check, not a new lever);
+- `taps`: the encoder states entering text_fusion are scaled (solo = zero the other taps' inputs);
+- `fusion_attention` (0/1 multipliers only): keys with multiplier 0 are hidden in the layerwise attention.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, require
+from .attention import key_mask, masked_attention
+from .base import Intervention, InterventionContext
+from .sites import (NUM_SLOTS, block_indices, choice, finite, gains_vector, hooked, projector, replace_first_arg,
+                    resolve_slot, text_fusion)
+
+DIFF_KEY = "diffusion_model.txtfusion.projector.diff"  # ComfyUI's `.diff` patch: weight += strength · diff
+PRESETS = {
+    "uniform": [1.0] * NUM_SLOTS,
+    "deep_boost": [1, 1, 1, 1, 1, 1, 1, 2.5, 5.0, 1.1, 4.0, 1.0],
+}
+
+
+def rms_like(edited: torch.Tensor, stock: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rescale each token of `edited` to the RMS of `stock` along `dim` (the community's fix for the magnitude
+    inflation that projector boosts cause: the refiners are pre-norm residual blocks, not scale-invariant)."""
+    def rms(x):
+        return x.float().pow(2).mean(dim, keepdim=True).sqrt()
+
+    ratio = rms(stock) / rms(edited).clamp_min(torch.finfo(torch.float32).tiny)
+    return edited * ratio.to(edited.dtype)
+
+
+@dataclass
+class LayerGains(Intervention):
+    """Base for gain-vector interventions: subclasses define `gain_vector()`; this class applies w ⊙ (1 + s(g − 1))."""
+
+    site: str = "projector"
+    strength: float = 1.0
+
+    SITES: ClassVar[tuple[str, ...]] = ("projector", "slots", "taps", "fusion_attention")
+
+    def __post_init__(self):
+        super().__post_init__()
+        choice(self.site, self.SITES, "intervention.site")
+        finite(self.strength, "intervention.strength")
+        self.strength = float(self.strength)
+
+    def gain_vector(self) -> list[float]:
+        raise NotImplementedError
+
+    def multipliers(self) -> list[float]:
+        return [1.0 + self.strength * (g - 1.0) for g in self.gain_vector()]
+
+    @property
+    def rms_renorm(self) -> bool:
+        return False
+
+    def _check_binary(self) -> None:
+        if self.site == "fusion_attention":
+            require(all(m in (0.0, 1.0) for m in self.multipliers()), "intervention.site",
+                    f"fusion_attention can only hide or keep a key, but the multipliers are {self.multipliers()}",
+                    "use strength 1 (and solo_gain 1) at fusion_attention, or site=projector for graded gains")
+
+    @property
+    def is_identity(self) -> bool:
+        return all(m == 1.0 for m in self.multipliers())
+
+    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """w' = w ⊙ (1 + s(g − 1)), computed in float32 and cast back (as ComfyUI patches bf16 weights)."""
+        m = torch.tensor(self.multipliers(), dtype=torch.float32, device=weight.device)
+        return (weight.float() * m).to(weight.dtype)
+
+    @contextmanager
+    def attach(self, ctx: InterventionContext) -> Iterator[None]:
+        mult = self.multipliers()
+        if self.site == "projector":
+            scope = projector_hook(self, ctx, self.effective_weight, renorm=self.rms_renorm)
+        elif self.site == "slots":
+            def scale_slots(module, args):
+                if not self.active(ctx.state):
+                    return None
+                x = args[0]
+                return replace_first_arg(args, x * torch.tensor(mult, dtype=x.dtype, device=x.device))
+            scope = hooked(projector(ctx), scale_slots, pre=True)
+        elif self.site == "taps":
+            def scale_taps(module, args):
+                if not self.active(ctx.state):
+                    return None
+                x = args[0]
+                return replace_first_arg(args, x * torch.tensor(mult, dtype=x.dtype, device=x.device)[:, None])
+            scope = hooked(text_fusion(ctx), scale_taps, pre=True)
+        else:
+            mask = key_mask([m != 0.0 for m in mult])
+            scope = masked_attention(self, ctx, block_indices(None, "intervention.site"), mask, "intervention.site")
+        with scope:
+            yield
+
+
+@contextmanager
+def projector_hook(intervention: Intervention, ctx: InterventionContext, weight_fn, renorm: bool = False):
+    """Forward hook on the projector: when active, its output is `F.linear(x, weight_fn(w))` (optionally rescaled
+    per token to the stock output's RMS). Nothing is written to the parameter."""
+    def hook(module, args, output):
+        if not intervention.active(ctx.state):
+            return None
+        edited = F.linear(args[0], weight_fn(module.weight), module.bias)
+        return rms_like(edited, output, dim=-2) if renorm else edited
+
+    with hooked(projector(ctx), hook):
+        yield
+
+
+@dataclass
+class Solo(LayerGains):
+    """The model card's probe: keep slot k (`slot: 6` or `layer: 20`), zero the other 11. g = solo_gain · e_k."""
+
+    slot: Any = None
+    layer: int | None = None
+    solo_gain: float = 1.0
+
+    kind: ClassVar[str] = "solo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.slot, self.layer = resolve_slot(self.slot, self.layer, "intervention")
+        finite(self.solo_gain, "intervention.solo_gain")
+        self.solo_gain = float(self.solo_gain)
+        self._check_binary()
+
+    def gain_vector(self) -> list[float]:
+        return [self.solo_gain if i == self.slot else 0.0 for i in range(NUM_SLOTS)]
+
+
+@dataclass
+class LeaveOneOut(LayerGains):
+    """Drop slot k, keep the other 11: g = 1 − e_k."""
+
+    slot: Any = None
+    layer: int | None = None
+
+    kind: ClassVar[str] = "leave_one_out"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.slot, self.layer = resolve_slot(self.slot, self.layer, "intervention")
+        self._check_binary()
+
+    def gain_vector(self) -> list[float]:
+        return [0.0 if i == self.slot else 1.0 for i in range(NUM_SLOTS)]
+
+
+@dataclass
+class Rebalance(LayerGains):
+    """A 12-gain vector (or a `preset`: uniform, deep_boost) at a strength; `renorm: rms` rescales each fused token
+    (projector output) to its stock RMS. Explicit `gains` replace the preset (recorded as preset=null)."""
+
+    preset: str | None = "deep_boost"
+    gains: list[float] | None = None
+    renorm: str = "none"
+
+    SITES: ClassVar[tuple[str, ...]] = ("projector", "slots", "taps")
+    kind: ClassVar[str] = "rebalance"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.renorm = choice(self.renorm, ("none", "rms"), "intervention.renorm")
+        require(self.renorm == "none" or self.site == "projector", "intervention.renorm",
+                f"renorm=rms rescales the projector output, but site={self.site}", "use site=projector with renorm=rms")
+        if self.gains is not None:
+            self.gains = gains_vector(list(self.gains), "intervention.gains")
+            self.preset = None
+        else:
+            require(self.preset is not None, "intervention.preset", "neither gains nor a preset given",
+                    f"set intervention.preset ({', '.join(PRESETS)}) or intervention.gains=[12 numbers]")
+            choice(self.preset, PRESETS, "intervention.preset")
+            self.gains = [float(g) for g in PRESETS[self.preset]]
+
+    @property
+    def rms_renorm(self) -> bool:
+        return self.renorm == "rms"
+
+    def gain_vector(self) -> list[float]:
+        return list(self.gains)
+
+
+# ------------------------------------------------------------------------------------------- the seed's .diff files
+def diff_of(weight: torch.Tensor, gains: list[float]) -> torch.Tensor:
+    """The `.diff` patch for gains g: w ⊙ (g − 1), so that w + 1·diff = w ⊙ g (ComfyUI's LoraLoaderModelOnly)."""
+    g = torch.tensor(gains, dtype=torch.float32).view(1, NUM_SLOTS)
+    return (weight.detach().float().cpu().view(1, NUM_SLOTS) * (g - 1.0)).contiguous()
+
+
+def read_diff_file(path: str | Path, key: str = "intervention.path") -> tuple[torch.Tensor, dict]:
+    """The [1, 12] diff and the metadata of a seed-format file; anything else is a ConfigError."""
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(path).expanduser()
+    require(file.is_file(), key, f"{file} does not exist", "give a projector .diff .safetensors file (krea-export writes them)")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys, metadata = list(f.keys()), dict(f.metadata() or {})
+            tensor = f.get_tensor(DIFF_KEY) if DIFF_KEY in keys else None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(key, f"{file} is not a safetensors file ({str(e).splitlines()[0]})",
+                          "give a projector .diff .safetensors file") from None
+    require(keys == [DIFF_KEY], key, f"{file.name} holds {keys}, not exactly one `{DIFF_KEY}`",
+            "give a projector .diff file (one [1,12] tensor under that key)")
+    require(tuple(tensor.shape) == (1, NUM_SLOTS), key,
+            f"{file.name}: `{DIFF_KEY}` has shape {list(tensor.shape)}", f"the projector diff must be [1, {NUM_SLOTS}]")
+    require(bool(torch.isfinite(tensor).all()), key, f"{file.name} holds NaN/inf", "re-export the file")
+    return tensor.float(), metadata
+
+
+@dataclass
+class LoraFile(Intervention):
+    """A projector `.diff` file (the seed's format) at a strength: w' = w + s·diff, as ComfyUI's loader applies it."""
+
+    path: str | None = None
+    strength: float = 1.0
+
+    kind: ClassVar[str] = "lora_file"
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.path is not None, "intervention.path", "no file given",
+                "set intervention.path=/path/to/projector_solo_b06_L20.safetensors")
+        finite(self.strength, "intervention.strength")
+        self.strength = float(self.strength)
+        self.diff, metadata = read_diff_file(self.path)
+        self.file_gains = json.loads(metadata["gains"]) if "gains" in metadata else None
+        self.file_meta = {k: metadata[k] for k in ("kind", "preset") if k in metadata}
+        self.file_meta.update({k: int(metadata[k]) for k in ("slot", "layer") if metadata.get(k, "").isdigit()})
+
+    @property
+    def is_identity(self) -> bool:
+        return self.strength == 0.0 or not bool(self.diff.any())
+
+    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight.float() + self.strength * self.diff.to(weight.device)).to(weight.dtype)
+
+    @contextmanager
+    def attach(self, ctx: InterventionContext) -> Iterator[None]:
+        with projector_hook(self, ctx, self.effective_weight):
+            yield
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(site="projector", file_gains=self.file_gains,
+                   **{("file_kind" if k == "kind" else k): v for k, v in self.file_meta.items()})
+        return out

@@ -1,0 +1,187 @@
+"""Where interventions act on Krea 2's text path, and how slots/taps are addressed.
+
+Sites (diffusers 0.42.1 module names, under `transformer.text_fusion`):
+- `taps`: the 12 stacked encoder hidden states [B, T, 12, D] entering `text_fusion` (forward-pre-hook on it);
+- `slots`: the attention-mixed projector inputs [B, T, D, 12] (forward-pre-hook on `text_fusion.projector`);
+- `projector`: the [1, 12] weight, edited at forward time (forward hook on `projector` returning `F.linear(x, w')`,
+  which is bit-identical to replacing the weight, but can be gated per CFG branch and step);
+- `fusion_attention`: the layerwise blocks' cross-layer attention (pre-hook on `layerwise_blocks[i].attn` injecting
+  a key mask);
+- `fused`: the text features after the refiner blocks (forward hook on `text_fusion`).
+
+A slot or tap is addressed by index (`3`) or by its encoder layer (`L20` in lists, or `layer: 20`): layer 20 is
+index 6 because select_layers = [2, 5, ..., 35]. Hooks live only inside `hooked(...)`, so they are removed on exit
+whatever happens in the body.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+from ..errors import ConfigError, require
+from ..synthetic import SELECT_LAYERS
+
+NUM_SLOTS = len(SELECT_LAYERS)
+NUM_LAYERWISE_BLOCKS = 2  # Krea 2 (and the synthetic model): `num_layerwise_text_blocks`
+
+SITES = ("taps", "slots", "projector", "fusion_attention", "fused")
+
+
+# ---------------------------------------------------------------------------------------------------- addressing
+def layer_of(slot: int) -> int:
+    return SELECT_LAYERS[slot]
+
+
+def slot_of_layer(layer: Any, key: str) -> int:
+    try:
+        layer = int(layer)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"{layer!r} is not a layer number", f"give one of {list(SELECT_LAYERS)}") from None
+    require(layer in SELECT_LAYERS, key, f"layer {layer} is not tapped by Krea 2",
+            f"use one of select_layers {list(SELECT_LAYERS)} (or a slot index 0–{NUM_SLOTS - 1})")
+    return SELECT_LAYERS.index(layer)
+
+
+def slot_index(value: Any, key: str) -> int:
+    """`3` → 3 (slot index); `"L20"` → 6 (encoder layer 20)."""
+    if isinstance(value, str) and value.strip()[:1] in ("L", "l"):
+        return slot_of_layer(value.strip()[1:], key)
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(key, f"{value!r} is not a slot", f"give an index 0–{NUM_SLOTS - 1} or a layer like L20")
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"{value!r} is not a slot", f"give an index 0–{NUM_SLOTS - 1} or a layer like L20") \
+            from None
+    require(0 <= index < NUM_SLOTS and float(value) == index, key, f"slot {value} is out of range",
+            f"give an index 0–{NUM_SLOTS - 1} or a layer like L20 (select_layers {list(SELECT_LAYERS)})")
+    return index
+
+
+def slot_indices(values: Iterable[Any] | None, key: str) -> list[int]:
+    if values is None:
+        return []
+    if isinstance(values, (int, str)):
+        values = [values]
+    out = [slot_index(v, f"{key}[{i}]") for i, v in enumerate(values)]
+    require(len(set(out)) == len(out), key, f"{list(values)} names a slot twice", "list each slot once")
+    return sorted(out)
+
+
+def resolve_slot(slot: Any, layer: Any, key: str) -> tuple[int, int]:
+    """(slot, layer) from either one; both given must agree."""
+    require(slot is not None or layer is not None, f"{key}.slot", "no slot given",
+            f"set {key}.slot=0..{NUM_SLOTS - 1} (or {key}.layer=20)")
+    index = slot_index(slot, f"{key}.slot") if slot is not None else slot_of_layer(layer, f"{key}.layer")
+    if slot is not None and layer is not None:
+        require(slot_of_layer(layer, f"{key}.layer") == index, f"{key}.layer",
+                f"layer {layer} is not slot {slot} (slot {slot} is layer {layer_of(index)})", "give only one of them")
+    return index, layer_of(index)
+
+
+def gains_vector(values: Any, key: str) -> list[float]:
+    require(values is not None and not isinstance(values, (str, int, float)) and len(values) == NUM_SLOTS, key,
+            f"{values!r} is not {NUM_SLOTS} gains", f"give one gain per slot, {NUM_SLOTS} numbers")
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"{v!r} is not a number", "give numeric gains") from None
+    finite(out, key)
+    return out
+
+
+def finite(values: Any, key: str) -> None:
+    for v in values if isinstance(values, (list, tuple)) else [values]:
+        require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), key,
+                f"{v!r} is not a finite number", "give finite numbers (no NaN or inf)")
+
+
+def choice(value: Any, options: Iterable[str], key: str) -> str:
+    options = tuple(options)
+    require(value in options, key, f"unknown value {value!r}", f"use one of {', '.join(options)}")
+    return value
+
+
+def block_indices(values: Any, key: str) -> list[int]:
+    """Layerwise block indices (null = all of Krea 2's two)."""
+    if values is None:
+        return list(range(NUM_LAYERWISE_BLOCKS))
+    if isinstance(values, int):
+        values = [values]
+    out = []
+    for v in values:
+        require(isinstance(v, int) and 0 <= v < NUM_LAYERWISE_BLOCKS, key, f"{v!r} is not a layerwise block",
+                f"give indices 0–{NUM_LAYERWISE_BLOCKS - 1} (or null for all)")
+        out.append(v)
+    return sorted(set(out))
+
+
+# ------------------------------------------------------------------------------------------------------- modules
+def text_fusion(ctx) -> Any:
+    require(ctx.text_path is not None, "intervention", "attached without a text path",
+            "attach through JobContext.intervened() or pass InterventionContext(text_path=...)")
+    return ctx.text_path.text_fusion
+
+
+def projector(ctx) -> Any:
+    return text_fusion(ctx).projector
+
+
+def layerwise_attention(ctx, block: int, key: str) -> Any:
+    blocks = text_fusion(ctx).layerwise_blocks
+    require(block < len(blocks), key, f"block {block} does not exist (the model has {len(blocks)})",
+            f"give indices 0–{len(blocks) - 1}")
+    return blocks[block].attn
+
+
+# --------------------------------------------------------------------------------------------------------- hooks
+@contextmanager
+def hooked(module, fn, *, pre: bool = False, with_kwargs: bool = False) -> Iterator[None]:
+    """Register one forward(-pre) hook for the body only: `handle.remove()` runs also when the body raises."""
+    if pre:
+        handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+    else:
+        handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def replace_first_arg(args: tuple, value) -> tuple:
+    return (value, *args[1:])
+
+
+def pool_tokens(x, mask):
+    """Mean over valid tokens: x [B, T, ...], mask [B, T] bool → [B, ...]."""
+    m = mask.to(x.dtype).reshape(*mask.shape, *([1] * (x.dim() - 2)))
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def capture(ctx, encoded, site: str):
+    """The states at `site` for `encoded`, through the text path as currently attached: taps [B, T, 12, D],
+    slots [B, T, D, 12] (projector input), fused [B, T, D] (text_fusion output). Used for reference statistics
+    (ablate mean/resample, steer directions), so they live in the same space the edit is applied in."""
+    import torch
+
+    if site == "taps":
+        return encoded.taps
+    grabbed = {}
+    tf = text_fusion(ctx)
+    if site == "slots":
+        def grab(module, args):
+            grabbed["x"] = args[0]
+        scope = hooked(tf.projector, grab, pre=True)
+    elif site == "fused":
+        def grab(module, args, output):
+            grabbed["x"] = output
+        scope = hooked(tf, grab)
+    else:
+        raise ValueError(f"cannot capture site {site!r}")
+    with torch.no_grad(), scope:
+        ctx.text_path(encoded.taps, encoded.mask)
+    return grabbed["x"]

@@ -1,0 +1,197 @@
+"""Steering Krea 2's conditioning along a direction d, per token, at taps, slots or the fused features.
+
+d comes from A/B prompt pairs — difference of means of the token-pooled (mean over valid tokens) states at the site,
+shape [12, D] at taps and slots, [D] at fused — or from a `.npy` / `.safetensors` file. d̂ is d normalised over the
+whole vector, or per tap (`normalize: per_tap`, each of the 12 rows on its own: the dot products are then per tap).
+For each token c:
+
+    amplify      c + s (c·d̂) d̂          add        c + s d̂          subtract   c − s d̂
+    project_out  c − (c·d̂) d̂            clamp      c + (value − c·d̂) d̂   (set the component to `value`)
+
+`consistency` is the mean pairwise cosine of the per-pair deltas: near 1 means the pairs agree on one direction,
+near 0 that their difference of means is mostly noise. It is filled in at first attach (it needs the encoder) and
+reported by `describe()` and `report()`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, require
+from .base import Intervention, InterventionContext
+from .sites import NUM_SLOTS, capture, choice, finite, hooked, pool_tokens, projector, replace_first_arg, text_fusion
+
+MODES = ("amplify", "add", "subtract", "project_out", "clamp")
+
+
+def load_direction(path: str, key: str = "intervention.direction_file") -> torch.Tensor:
+    """A direction from `.npy` or `.safetensors` (one tensor, or the one named `direction`)."""
+    file = Path(path).expanduser()
+    require(file.is_file(), key, f"{file} does not exist", "give a .npy or .safetensors file")
+    try:
+        if file.suffix == ".npy":
+            return torch.from_numpy(np.load(file, allow_pickle=False)).float()
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(file))
+            name = "direction" if "direction" in tensors else (next(iter(tensors)) if len(tensors) == 1 else None)
+            require(name is not None, key, f"{file.name} holds {sorted(tensors)}",
+                    "store one tensor, or name it `direction`")
+            return tensors[name].float()
+    except ConfigError:
+        raise
+    except Exception as e:  # unreadable file: one line, not a traceback
+        raise ConfigError(key, f"cannot read {file.name}: {str(e).splitlines()[0]}", "give a valid file") from None
+    raise ConfigError(key, f"{file.name} is neither .npy nor .safetensors", "save the direction as .npy or .safetensors")
+
+
+def steer_tokens(c: torch.Tensor, d_hat: torch.Tensor, mode: str, strength: float, value: float,
+                 per_tap: bool) -> torch.Tensor:
+    """The per-token edit on c [..., 12, D] (or [..., D] at fused) with unit d̂ of c's trailing shape."""
+    if mode == "add":
+        return c + strength * d_hat
+    if mode == "subtract":
+        return c - strength * d_hat
+    dims = (-1,) if per_tap or d_hat.dim() == 1 else (-2, -1)
+    dot = (c * d_hat).sum(dims, keepdim=True)
+    if mode == "amplify":
+        return c + strength * dot * d_hat
+    if mode == "project_out":
+        return c - dot * d_hat
+    return c + (value - dot) * d_hat  # clamp
+
+
+def pairwise_consistency(deltas: torch.Tensor) -> float | None:
+    """Mean cosine over all pairs of the per-pair deltas [P, ...]; None with fewer than two pairs."""
+    flat = deltas.flatten(1).double()
+    if flat.shape[0] < 2:
+        return None
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    cos = [float(unit[i] @ unit[j]) for i, j in itertools.combinations(range(flat.shape[0]), 2)]
+    return sum(cos) / len(cos)
+
+
+@dataclass
+class Steer(Intervention):
+    """Move each token's conditioning along a direction (see the module docstring for the modes)."""
+
+    site: str = "taps"
+    mode: str = "amplify"
+    strength: float = 1.0
+    value: float = 0.0
+    pairs: list[list[str]] | None = None
+    direction_file: str | None = None
+    normalize: str = "whole"
+
+    kind: ClassVar[str] = "steer"
+
+    def __post_init__(self):
+        super().__post_init__()
+        choice(self.site, ("taps", "slots", "fused"), "intervention.site")
+        choice(self.mode, MODES, "intervention.mode")
+        choice(self.normalize, ("whole", "per_tap"), "intervention.normalize")
+        require(self.normalize == "whole" or self.site != "fused", "intervention.normalize",
+                "fused features have no taps", "use normalize=whole at site=fused")
+        finite([self.strength, self.value], "intervention.strength/value")
+        self.strength, self.value = float(self.strength), float(self.value)
+        if self.direction_file is not None:  # a file replaces the (default) pairs
+            self.pairs = None
+        require(self.pairs is not None or self.direction_file is not None, "intervention.pairs",
+                "no direction given", "set intervention.pairs=[[A,B],...] or intervention.direction_file=d.npy")
+        self.consistency: float | None = None
+        self._direction: torch.Tensor | None = None
+        if self.pairs is not None:
+            ok = len(self.pairs) > 0 and all(not isinstance(p, str) and len(p) == 2 for p in self.pairs)
+            require(ok, "intervention.pairs", f"{self.pairs!r} is not a list of [A, B] prompt pairs",
+                    "give e.g. pairs=[[a smiling face, a neutral face], ...]")
+            self.pairs = [[str(a), str(b)] for a, b in self.pairs]
+        else:
+            self.direction_file = str(self.direction_file)
+            self._direction = self._checked(load_direction(self.direction_file), "intervention.direction_file")
+
+    def _checked(self, d: torch.Tensor, key: str) -> torch.Tensor:
+        expected = "[D]" if self.site == "fused" else f"[{NUM_SLOTS}, D]"
+        shape_ok = d.dim() == 1 if self.site == "fused" else (d.dim() == 2 and d.shape[0] == NUM_SLOTS)
+        require(shape_ok, key, f"direction of shape {list(d.shape)} at site={self.site}", f"give shape {expected}")
+        require(bool(torch.isfinite(d).all()), key, "the direction holds NaN/inf", "give a finite direction")
+        norms = d.norm(dim=-1) if self.normalize == "per_tap" else d.norm()
+        require(bool((norms > 0).all()), key, "the direction (or one of its taps) is zero",
+                "use prompt pairs that differ, or normalize=whole")
+        return d
+
+    @property
+    def is_identity(self) -> bool:
+        return self.mode in ("amplify", "add", "subtract") and self.strength == 0.0
+
+    def direction(self, ctx: InterventionContext) -> torch.Tensor:
+        """The raw direction d ([12, D] or [D]); from the pairs at first call (which also sets `consistency`)."""
+        if self._direction is None:
+            require(ctx.encode is not None, "intervention.pairs", "prompt pairs need the encoder",
+                    "attach through JobContext.intervened() or pass InterventionContext(encode=...)")
+            a = self.pooled(ctx, [p[0] for p in self.pairs])
+            b = self.pooled(ctx, [p[1] for p in self.pairs])
+            deltas = a - b
+            self.consistency = pairwise_consistency(deltas)
+            self._direction = self._checked(deltas.mean(0).float().cpu(), "intervention.pairs")
+        return self._direction
+
+    def pooled(self, ctx: InterventionContext, prompts: list[str]) -> torch.Tensor:
+        """Token-pooled states at the site, one row per prompt: [P, 12, D] or [P, D]."""
+        enc = ctx.encode(prompts)
+        states = capture(ctx, enc, self.site)
+        if self.site == "slots":
+            states = states.transpose(-1, -2)
+        return pool_tokens(states, enc.mask)
+
+    def unit_direction(self, ctx: InterventionContext) -> torch.Tensor:
+        d = self.direction(ctx).double()
+        d = d / (d.norm(dim=-1, keepdim=True) if self.normalize == "per_tap" else d.norm())
+        return d.float()
+
+    @contextmanager
+    def attach(self, ctx: InterventionContext) -> Iterator[None]:
+        d_hat = self.unit_direction(ctx)
+        per_tap = self.normalize == "per_tap"
+
+        def edit(c: torch.Tensor) -> torch.Tensor:
+            require(c.shape[-d_hat.dim():] == d_hat.shape, "intervention.direction_file",
+                    f"direction of shape {list(d_hat.shape)} for states of shape {list(c.shape[-d_hat.dim():])}",
+                    "use a direction computed on this model (text_hidden_dim)")
+            # float32 math (a no-op copy-free cast on float32 models): bf16 dot products over 12×2560 lose the sign
+            return steer_tokens(c.float(), d_hat.to(c.device), self.mode, self.strength, self.value,
+                                per_tap).to(c.dtype)
+
+        if self.site == "fused":
+            def hook(module, args, output):
+                return edit(output) if self.active(ctx.state) else None
+            scope = hooked(text_fusion(ctx), hook)
+        elif self.site == "taps":
+            def hook(module, args):
+                return replace_first_arg(args, edit(args[0])) if self.active(ctx.state) else None
+            scope = hooked(text_fusion(ctx), hook, pre=True)
+        else:
+            def hook(module, args):
+                if not self.active(ctx.state):
+                    return None
+                return replace_first_arg(args, edit(args[0].transpose(-1, -2)).transpose(-1, -2))
+            scope = hooked(projector(ctx), hook, pre=True)
+        with scope:
+            yield
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["consistency"] = self.consistency
+        if self.mode != "clamp":
+            out.pop("value")
+        return out
+
+    def report(self) -> dict:
+        return {} if self.consistency is None else {"steer/consistency": self.consistency}
