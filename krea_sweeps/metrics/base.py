@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import ConfigError
+
 # What a metric can need. `images` implies transformer + vae + generation; `baseline` implies stock images too.
 NEEDS = frozenset({"text_encoder", "text_path", "transformer", "vae", "images", "baseline"})
 
@@ -28,7 +30,14 @@ class Metric:
     needs: ClassVar[frozenset] = frozenset()
 
     def validate(self, job: Any) -> None:
-        """Checks against the planned job (e.g. a baseline-able config); raise ConfigError. Runs before model load."""
+        """Checks against the planned job (e.g. a baseline-able config); raise ConfigError. Runs before model load.
+        Subclasses that add checks call `super().validate(job)`."""
+        cfg = getattr(job, "cfg", None)
+        conditioning_only = bool(cfg.get("conditioning_only", False)) if cfg is not None else False
+        if conditioning_only and self.needs & {"images", "baseline"}:
+            raise ConfigError(f"metrics.{self.name}", f"`{self.name}` needs generated images but the run is "
+                              "configured conditioning-only (conditioning_only=true)",
+                              f"drop {self.name} from metrics=[...] or set conditioning_only=false")
 
     def compute(self, job: Any) -> MetricOutput:
         raise NotImplementedError

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
+from ..errors import require
 from .base import Metric, MetricOutput
+
+log = logging.getLogger(__name__)
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
@@ -66,3 +72,118 @@ class ImageStats(Metric):
             rows.append({"prompt_idx": p, "seed": seed, **image_statistics(image)})
         keys = ["sharpness", "contrast", "colourfulness", "intensity", "saturation"]
         return MetricOutput(summary=summarise(rows, self.name, keys), rows=rows)
+
+
+def rgb_rms(a: np.ndarray, b: np.ndarray) -> float:
+    """sqrt(mean over pixels and channels of (a − b)²) on [0, 1] RGB: 0 for identical images, 1 for black vs white."""
+    require(a.shape == b.shape, "sampler", f"images of different sizes {a.shape} and {b.shape}",
+            "compare images generated at the same resolution")
+    d = a.astype(np.float64) - b.astype(np.float64)
+    return float(np.sqrt(np.mean(d * d)))
+
+
+@dataclass
+class ImageDistance(Metric):
+    """RGB-RMS between each image and the stock image for the same variant, prompt, seed and sampler (the model
+    card's solo / leave-one-out number). Stock images are generated once per sweep and cached (task.py)."""
+
+    name: ClassVar[str] = "image_distance"
+    needs: ClassVar[frozenset] = frozenset({"images", "baseline"})
+
+    def validate(self, job) -> None:
+        super().validate(job)
+        if job.is_stock:
+            log.info("image_distance on a stock job: every distance is 0 by definition")
+
+    def compute(self, job) -> MetricOutput:
+        rows = []
+        for (p, seed), image in sorted(job.images.items()):
+            stock = job.baseline_images.get((p, seed))
+            if stock is None:
+                raise RuntimeError(f"image_distance: no stock image for prompt {p}, seed {seed} (task.py makes them "
+                                   "when a metric needs 'baseline')")
+            rows.append({"prompt_idx": p, "seed": seed, "rgb_rms": rgb_rms(image, stock)})
+        values = [r["rgb_rms"] for r in rows]
+        return MetricOutput(summary={"image_distance/rgb_rms": float(np.mean(values)),
+                                     "image_distance/rgb_rms_max": float(np.max(values))}, rows=rows)
+
+
+@dataclass
+class Diversity(Metric):
+    """Mean pairwise RGB-RMS across the seeds of each prompt: does an intervention collapse or widen the outputs?"""
+
+    name: ClassVar[str] = "diversity"
+    needs: ClassVar[frozenset] = frozenset({"images"})
+
+    def validate(self, job) -> None:
+        super().validate(job)
+        require(len(job.seeds) >= 2, "seeds", f"diversity compares seeds within a job, which has only {job.seeds}",
+                "give a list of seeds to one job, e.g. seeds=[0,1,2] (not a -m sweep over seeds)")
+
+    def compute(self, job) -> MetricOutput:
+        rows = []
+        prompts = sorted({p for p, _ in job.images})
+        for p in prompts:
+            images = [job.images[(p, s)] for s in job.seeds if (p, s) in job.images]
+            pairs = [rgb_rms(a, b) for i, a in enumerate(images) for b in images[i + 1:]]
+            rows.append({"prompt_idx": p, "rgb_rms": float(np.mean(pairs)), "pairs": len(pairs)})
+        return MetricOutput(summary={"diversity/rgb_rms": float(np.mean([r["rgb_rms"] for r in rows]))}, rows=rows)
+
+
+@dataclass
+class ClipScore(Metric):
+    """CLIPScore = 100 · max(cos(image embedding, prompt embedding), 0) with a local CLIP model (transformers).
+    Without a path it is skipped, with the reason logged; a path that is not a CLIP model is a config error."""
+
+    name: ClassVar[str] = "clip_score"
+    needs: ClassVar[frozenset] = frozenset({"images"})
+
+    path: str | None = None
+
+    def validate(self, job) -> None:
+        super().validate(job)
+        if self.path is None:
+            return
+        folder = Path(self.path).expanduser()
+        require(folder.is_dir(), "metrics.clip_score.path", f"{folder} is not a folder",
+                "give a local CLIP model folder (config.json + weights + tokenizer), or null to skip clip_score")
+        config = folder / "config.json"
+        model_type = None
+        if config.is_file():
+            try:
+                model_type = json.loads(config.read_text()).get("model_type")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass
+        require(model_type == "clip", "metrics.clip_score.path",
+                f"{folder} is not a CLIP model (config.json model_type: {model_type!r})",
+                "give a transformers CLIP folder, e.g. a download of openai/clip-vit-base-patch32")
+
+    def compute(self, job) -> MetricOutput:
+        if self.path is None:
+            log.warning("clip_score skipped: no CLIP model path (set metrics.clip_score.path or KREA2_CLIP)")
+            return MetricOutput()
+        import torch
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(self.path, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(self.path, local_files_only=True)
+        keys = sorted(job.images)
+        images = [(np.clip(job.images[k], 0, 1) * 255).round().astype(np.uint8) for k in keys]
+        texts = [job.prompts[p] for p, _ in keys]
+        with torch.no_grad():
+            inputs = processor(text=texts, images=images, return_tensors="pt", padding=True, truncation=True)
+            image_emb = model.get_image_features(pixel_values=inputs["pixel_values"])
+            text_emb = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        image_emb = _features(image_emb)
+        text_emb = _features(text_emb)
+        cos = torch.nn.functional.cosine_similarity(image_emb.double(), text_emb.double(), dim=-1)
+        scores = (100 * cos.clamp_min(0)).tolist()
+        rows = [{"prompt_idx": p, "seed": s, "clip_score": v} for (p, s), v in zip(keys, scores)]
+        return MetricOutput(summary={"clip_score/score": float(np.mean(scores))}, rows=rows)
+
+
+def _features(out):
+    """transformers 5 may return a model output instead of a tensor from get_*_features."""
+    if hasattr(out, "pooler_output") and not hasattr(out, "shape"):
+        return out.pooler_output
+    return out

@@ -1,0 +1,385 @@
+"""Conditioning-side metrics: text encoder + `text_fusion` (+ `txt_in`'s norm) only — no DiT blocks, no VAE, no
+sampling, so they run on CPU against the real model too. Definitions: docs/metrics.md.
+
+All of them read one memoised pass per job (`trace.text_trace`), with the job's interventions attached, and one
+stock pass where they compare against the stock model. Per-prompt values are the rows; summaries average them, each
+prompt weighing equally. Keys: `<metric>/<stat>`, with `/L<layer>` for per-slot values and `/block<i>` (diffusers'
+module index, from 0) for per-block ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, require
+from .attention import average_layer_stats, layer_attention_stats, token_attention_stats
+from .base import Metric, MetricOutput
+from .trace import text_trace
+
+log = logging.getLogger(__name__)
+
+CONDITIONING = frozenset({"text_encoder", "text_path"})
+VARIANTS = ("raw", "turbo", "turbo_lora")
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def layer_labels(ctx) -> list[str]:
+    return [f"L{layer}" for layer in ctx.model.variant.select_layers]
+
+
+def prompt_row(ctx, p: int) -> dict:
+    return {"prompt_idx": p, "prompt": ctx.job.prompts[p]}
+
+
+def caption(ctx, what: str) -> str:
+    from ..task import _intervention_label
+
+    return f"{what} | {ctx.job.variant.name} | prompts={ctx.job.prompt_set.name} | {_intervention_label(ctx.job)}"
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine along the last axis in float64; a zero vector has cosine 0 with anything."""
+    a, b = a.double(), b.double()
+    denom = a.norm(dim=-1) * b.norm(dim=-1)
+    dot = (a * b).sum(-1)
+    return torch.where(denom > 0, dot / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(dot))
+
+
+def effective_weights(slots: torch.Tensor, output: torch.Tensor, candidate: torch.Tensor | None = None,
+                      tolerance: float = 1e-6) -> tuple[np.ndarray, float]:
+    """The 12 weights w with output ≈ Σ_k w_k · slots[..., k], and the relative residual of that fit.
+
+    `candidate` (the projector's weight parameter) is taken when it already reproduces the output (relative
+    residual ≤ tolerance), so an unedited projector reports its exact weights; otherwise a least-squares fit
+    (minimum-norm, so a slot that is all zeros gets weight 0). Exact for any edit that reweights slots.
+    """
+    x = slots.double().reshape(-1, slots.shape[-1]).numpy()
+    y = output.double().reshape(-1).numpy()
+    scale = max(float(np.linalg.norm(y)), 1e-300)
+    if candidate is not None:
+        w = candidate.double().numpy()
+        residual = float(np.linalg.norm(x @ w - y)) / scale
+        if residual <= tolerance:
+            return w, residual
+    w, *_ = np.linalg.lstsq(x, y, rcond=None)
+    w = _snap(w)
+    return w, float(np.linalg.norm(x @ w - y)) / scale
+
+
+def mean_rows(rows: list[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in rows]))
+
+
+# ----------------------------------------------------------------------------------------------------- projector
+def read_projector(source: str) -> np.ndarray:
+    """The [1, 12] projector weight of a Krea 2 DiT checkpoint (single file or diffusers folder), read alone."""
+    from safetensors import safe_open
+
+    from ..models import text_path_files
+
+    names = ("txtfusion.projector.weight", "text_fusion.projector.weight")
+    for file in text_path_files(source):
+        if not Path(file).exists():
+            continue
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key.replace("model.diffusion_model.", "") in names:
+                    return f.get_tensor(key).double().reshape(-1).numpy()
+    raise ConfigError("metrics.projector.reference_path", f"no projector weight in {source}",
+                      "give a Krea 2 DiT checkpoint (.safetensors) or a diffusers folder")
+
+
+@dataclass
+class ProjectorWeights(Metric):
+    """The 12 projector weights: stock, effective under the job's interventions, and vs a reference variant."""
+
+    name: ClassVar[str] = "projector"
+    needs: ClassVar[frozenset] = CONDITIONING
+
+    reference: str | None = None  # a variant name (raw, turbo, turbo_lora) whose stock projector to compare with
+    reference_path: str | None = None  # its checkpoint when the job runs a real model (synthetic: derived)
+
+    def validate(self, job) -> None:
+        super().validate(job)
+        if self.reference is None:
+            require(self.reference_path is None, "metrics.projector.reference", "reference_path given without a "
+                    "reference variant", "set metrics.projector.reference=raw (or turbo) too")
+            return
+        require(self.reference in VARIANTS, "metrics.projector.reference", f"unknown variant {self.reference!r}",
+                f"use one of {', '.join(VARIANTS)}")
+        if self.reference_path is None:
+            require(job.variant.synthetic, "metrics.projector.reference_path", "the job runs a real checkpoint, "
+                    "so the reference variant needs one too", "set metrics.projector.reference_path=/path/to/"
+                    f"krea2_{self.reference}.safetensors (or its diffusers folder)")
+        else:
+            require(Path(self.reference_path).exists(), "metrics.projector.reference_path",
+                    f"{self.reference_path} does not exist", "give a Krea 2 DiT .safetensors or a diffusers folder")
+        self.reference_weights()  # fail now, before any model load, if it holds no projector
+
+    def reference_weights(self) -> np.ndarray:
+        if self.reference_path is not None:
+            return read_projector(self.reference_path)
+        from ..models import ModelVariant, sources_for
+
+        return read_projector(sources_for(ModelVariant(name=self.reference)).transformer)
+
+    def compute(self, ctx) -> MetricOutput:
+        labels = layer_labels(ctx)
+        stock_trace, trace = text_trace(ctx, intervened=False), text_trace(ctx, intervened=True)
+        stock = stock_trace.prompts[0].weight.double().numpy()
+        slots = torch.cat([t.slots for t in stock_trace.prompts])
+        delivered = torch.cat([t.projected for t in trace.prompts])
+        effective, residual = effective_weights(slots, delivered, trace.prompts[0].weight)
+        rows = []
+        for p, (s, t) in enumerate(zip(stock_trace.prompts, trace.prompts)):
+            w_p, r_p = effective_weights(s.slots, t.projected, t.weight)
+            rows.append({**prompt_row(ctx, p), "effective_cos_vs_stock": _cos(w_p, stock), "fit_residual": r_p})
+        summary = {}
+        for i, lab in enumerate(labels):
+            summary[f"projector/stock/{lab}"] = float(stock[i])
+            summary[f"projector/effective/{lab}"] = float(effective[i])
+            summary[f"projector/sign/{lab}"] = float(np.sign(stock[i]))
+            summary[f"projector/effective_sign/{lab}"] = float(np.sign(_snap(effective)[i]))
+        summary |= {
+            "projector/n_positive": int((stock > 0).sum()), "projector/n_negative": int((stock < 0).sum()),
+            "projector/sum": float(stock.sum()), "projector/l1": float(np.abs(stock).sum()),
+            "projector/effective_cos_vs_stock": _cos(effective, stock),
+            "projector/effective_fit_residual": residual,
+            "projector/sign_changes": int((np.sign(_snap(effective)) != np.sign(stock)).sum()),
+        }
+        arrays = {"stock": stock, "effective": effective}
+        series = {"stock": stock, "effective": effective}
+        if self.reference is not None:
+            ref = self.reference_weights()
+            require(ref.shape == stock.shape, "metrics.projector.reference", f"reference has {ref.size} weights, "
+                    f"the job's model {stock.size}", "compare variants of the same model")
+            for i, lab in enumerate(labels):
+                summary[f"projector/reference/{lab}"] = float(ref[i])
+            summary["projector/cos_vs_reference"] = _cos(stock, ref)
+            summary["projector/effective_cos_vs_reference"] = _cos(effective, ref)
+            summary["projector/max_abs_diff_vs_reference"] = float(np.abs(stock - ref).max())
+            arrays["reference"] = ref
+            series[f"reference ({self.reference})"] = ref
+        from .figures import bars
+
+        images = {"projector/weights": (bars(series, labels, "projector weights"), caption(ctx, "projector weights"))}
+        return MetricOutput(summary=summary, rows=rows, arrays=arrays, images=images)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.clip(float(a @ b) / denom, -1.0, 1.0)) if denom > 0 else 0.0
+
+
+def _snap(w: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """Zero a fit's numerical dust (|w_k| ≤ 1e-6 · max |w|), so a removed slot reads as exactly 0 — weight, sign and
+    term — rather than ±1e-9 from float32 rounding. Krea 2's smallest |weight| is ~0.04 × its largest."""
+    return np.where(np.abs(w) <= tol * max(float(np.abs(w).max()), 1e-300), 0.0, w)
+
+
+# ----------------------------------------------------------------------------------------------- fusion attention
+@dataclass
+class FusionAttention(Metric):
+    """Exact cross-layer attention of each layerwise block over content tokens: the L20 hub measurement."""
+
+    name: ClassVar[str] = "fusion_attention"
+    needs: ClassVar[frozenset] = CONDITIONING
+    trace_parts: ClassVar[frozenset] = frozenset({"fusion_attention"})
+
+    save_probs: bool = True  # the full [content tokens, heads, 12, 12] per block, all prompts concatenated
+
+    def compute(self, ctx) -> MetricOutput:
+        from .figures import heatmap, heatmap_grid
+
+        labels = layer_labels(ctx)
+        trace = text_trace(ctx, intervened=True, parts={"fusion_attention"})
+        n_blocks = len(trace.prompts[0].fusion_attention)
+        rows = [{**prompt_row(ctx, p), "content_tokens": int(t.content.sum())} for p, t in enumerate(trace.prompts)]
+        summary = {"fusion_attention/content_tokens": mean_rows(rows, "content_tokens")}
+        arrays, images = {}, {}
+        for b in range(n_blocks):
+            per_prompt = [layer_attention_stats(t.fusion_attention[b]) for t in trace.prompts]
+            for row, s in zip(rows, per_prompt):
+                row |= {f"block{b}/hub_layer": _layer(ctx, s["hub"]), f"block{b}/hub_strength": float(s["strength"][s["hub"]]),
+                        f"block{b}/hub_top_key_share": float(s["top_key_share"][s["hub"]]),
+                        f"block{b}/entropy_norm": s["entropy_norm"]}
+            s = average_layer_stats(per_prompt)
+            key = f"fusion_attention/block{b}"
+            for i, lab in enumerate(labels):
+                summary[f"{key}/strength/{lab}"] = float(s["strength"][i])
+                summary[f"{key}/top_key_share/{lab}"] = float(s["top_key_share"][i])
+            hub = s["hub"]
+            summary |= {
+                f"{key}/hub_layer": _layer(ctx, hub), f"{key}/hub_strength": float(s["strength"][hub]),
+                f"{key}/hub_ratio": s["hub_ratio"], f"{key}/hub_top_key_share": float(s["top_key_share"][hub]),
+                f"{key}/entropy": s["entropy"], f"{key}/entropy_norm": s["entropy_norm"],
+                f"{key}/head_hub_agreement": s["head_hub_agreement"],
+            }
+            for name in ("mean_map", "head_maps", "strength", "top_key_share"):
+                arrays[f"block{b}.{name}"] = s[name].numpy()
+            if self.save_probs:
+                arrays[f"block{b}.probs"] = torch.cat([t.fusion_attention[b] for t in trace.prompts]).numpy()
+            title = f"layerwise block {b}: mean attention (hub {labels[hub]}, s={float(s['strength'][hub]):.3f})"
+            images[f"{key}/mean_map"] = (heatmap(s["mean_map"].numpy(), title, labels, labels),
+                                         caption(ctx, f"block {b} mean cross-layer attention"))
+            names = [f"head {h} (hub {labels[int(k)]})" for h, k in enumerate(s["head_hubs"])]
+            images[f"{key}/head_maps"] = (heatmap_grid(s["head_maps"].numpy(), f"layerwise block {b}: per head",
+                                                       labels, names), caption(ctx, f"block {b} per-head attention"))
+        if self.save_probs:
+            arrays["token_prompt"] = np.concatenate([np.full(int(t.content.sum()), p) for p, t in enumerate(trace.prompts)])
+        return MetricOutput(summary=summary, rows=rows, arrays=arrays, images=images)
+
+
+def _layer(ctx, slot: int) -> int:
+    return int(ctx.model.variant.select_layers[slot])
+
+
+# ---------------------------------------------------------------------------------------------- refiner attention
+@dataclass
+class RefinerAttention(Metric):
+    """The refiner blocks' token-to-token attention: local or diffuse, and is there a sink token?"""
+
+    name: ClassVar[str] = "refiner_attention"
+    needs: ClassVar[frozenset] = CONDITIONING
+    trace_parts: ClassVar[frozenset] = frozenset({"refiner_attention"})
+
+    window: int = 8  # ± valid-token ranks counted as "local"
+
+    def validate(self, job) -> None:
+        super().validate(job)
+        require(isinstance(self.window, int) and self.window >= 0, "metrics.refiner_attention.window",
+                f"{self.window!r} is not a non-negative integer", "give e.g. window=8")
+
+    def compute(self, ctx) -> MetricOutput:
+        from .figures import heatmap
+
+        trace = text_trace(ctx, intervened=True, parts={"refiner_attention"})
+        n_blocks = len(trace.prompts[0].refiner_attention)
+        rows = [prompt_row(ctx, p) for p in range(len(trace.prompts))]
+        summary, arrays, images = {}, {}, {}
+        stats_keys = ("local_share", "local_share_uniform", "received_entropy_norm", "top_received_x_uniform")
+        for b in range(n_blocks):
+            for p, (row, t) in enumerate(zip(rows, trace.prompts)):
+                positions = t.content.nonzero().squeeze(-1)
+                s = token_attention_stats(t.refiner_attention[b], positions, t.mask, self.window)
+                row |= {f"block{b}/{k}": s[k] for k in stats_keys}
+                row[f"block{b}/top_received_rank"] = s["top_received_rank"]
+                row[f"block{b}/top_received_is_suffix"] = bool(s["top_received_rank"] >= int(t.content.sum()))
+                arrays[f"block{b}.received.p{p:02d}"] = s["received"].numpy()
+                mean_map = t.refiner_attention[b].double().mean(0)[:, t.mask]  # [content queries, valid keys]
+                arrays[f"block{b}.mean_map.p{p:02d}"] = mean_map.numpy()
+                if p == 0:
+                    title = f"refiner block {b}, prompt 0: mean attention (content queries × valid keys)"
+                    images[f"refiner_attention/block{b}/mean_map_p00"] = (
+                        heatmap(mean_map.numpy(), title, xlabel="key (valid-token rank)",
+                                ylabel="query (content token)"), caption(ctx, f"refiner block {b}, prompt 0"))
+            for k in stats_keys:
+                summary[f"refiner_attention/block{b}/{k}"] = mean_rows(rows, f"block{b}/{k}")
+            summary[f"refiner_attention/block{b}/top_received_is_suffix"] = mean_rows(
+                rows, f"block{b}/top_received_is_suffix")
+        return MetricOutput(summary=summary, rows=rows, arrays=arrays, images=images)
+
+
+# ---------------------------------------------------------------------------------------------------- cond shift
+@dataclass
+class CondShift(Metric):
+    """How far the job's interventions move the conditioning the DiT sees, vs the stock model, same prompts."""
+
+    name: ClassVar[str] = "cond_shift"
+    needs: ClassVar[frozenset] = CONDITIONING
+    trace_parts: ClassVar[frozenset] = frozenset({"normed"})
+
+    def compute(self, ctx) -> MetricOutput:
+        stock = text_trace(ctx, intervened=False, parts={"normed"})
+        trace = text_trace(ctx, intervened=True, parts={"normed"})
+        rows = []
+        for p, (s, t) in enumerate(zip(stock.prompts, trace.prompts)):
+            row = prompt_row(ctx, p)
+            for stage in ("fused", "normed"):
+                a, ref = getattr(t, stage).double(), getattr(s, stage).double()
+                row[f"{stage}/cos"] = float(cosine(a, ref).mean())
+                row[f"{stage}/rel_l2"] = float((a - ref).norm() / ref.norm()) if ref.norm() > 0 else 0.0
+            rows.append(row)
+        summary = {f"cond_shift/{k}": mean_rows(rows, k)
+                   for k in ("fused/cos", "fused/rel_l2", "normed/cos", "normed/rel_l2")}
+        return MetricOutput(summary=summary, rows=rows)
+
+
+# ----------------------------------------------------------------------------------------------- slot contribution
+@dataclass
+class SlotContribution(Metric):
+    """What each of the 12 projector inputs contributes to the projector output, and what removing it costs."""
+
+    name: ClassVar[str] = "slot_contribution"
+    needs: ClassVar[frozenset] = CONDITIONING
+
+    def compute(self, ctx) -> MetricOutput:
+        labels = layer_labels(ctx)
+        trace = text_trace(ctx, intervened=True)
+        rows, per_prompt = [], []
+        for p, t in enumerate(trace.prompts):
+            s = slot_terms(t.slots, t.projected, t.weight)
+            per_prompt.append(s)
+            row = prompt_row(ctx, p) | {"fit_residual": s["fit_residual"], "sum_rel_error": s["sum_rel_error"]}
+            for i, lab in enumerate(labels):
+                row |= {f"drop/{lab}": float(s["drop"][i]), f"term_norm/{lab}": float(s["term_norm"][i])}
+            rows.append(row)
+        summary, arrays = {}, {}
+        for stat in ("slot_norm", "term_norm", "term_share", "drop"):
+            avg = np.mean([s[stat] for s in per_prompt], axis=0)
+            arrays[stat] = avg
+            for i, lab in enumerate(labels):
+                summary[f"slot_contribution/{stat}/{lab}"] = float(avg[i])
+        summary["slot_contribution/top_drop_layer"] = _layer(ctx, int(np.argmax(arrays["drop"])))
+        summary["slot_contribution/fit_residual"] = mean_rows(rows, "fit_residual")
+        summary["slot_contribution/sum_rel_error"] = mean_rows(rows, "sum_rel_error")
+        return MetricOutput(summary=summary, rows=rows, arrays=arrays)
+
+
+def slot_terms(slots: torch.Tensor, projected: torch.Tensor, weight: torch.Tensor | None = None) -> dict:
+    """Per-slot statistics of o_t = Σ_k w_k x_{t,k} over tokens t (slots [Tc, D, 12], projected [Tc, D]).
+
+    w are the projector's effective weights (`effective_weights`), so the terms describe what the projector did under
+    the job's interventions; `sum_rel_error` = ‖Σ_k terms − delivered output‖ / ‖output‖ checks it.
+    """
+    w, residual = effective_weights(slots, projected, weight)
+    x = slots.double()
+    terms = x * torch.from_numpy(w)  # [Tc, D, 12]
+    o = terms.sum(-1)  # [Tc, D]
+    term_norm = terms.norm(dim=1).mean(0).numpy()
+    drop = torch.stack([1 - cosine(o, o - terms[..., k]) for k in range(x.shape[-1])], -1).mean(0).numpy()
+    denom = projected.double().norm()
+    return {
+        "slot_norm": x.norm(dim=1).mean(0).numpy(), "term_norm": term_norm,
+        "term_share": term_norm / term_norm.sum() if term_norm.sum() > 0 else term_norm, "drop": drop,
+        "terms": terms, "output": o, "fit_residual": residual,
+        "sum_rel_error": float((o - projected.double()).norm() / denom) if denom > 0 else 0.0,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ tap norms
+@dataclass
+class TapNorms(Metric):
+    """Mean token norm of each of the 12 taps as text_fusion receives them (the card: ~48× growth L2 → L35)."""
+
+    name: ClassVar[str] = "tap_norms"
+    needs: ClassVar[frozenset] = CONDITIONING
+
+    def compute(self, ctx) -> MetricOutput:
+        labels = layer_labels(ctx)
+        trace = text_trace(ctx, intervened=True)
+        rows, norms = [], []
+        for p, t in enumerate(trace.prompts):
+            n = t.taps.double().norm(dim=-1).mean(0).numpy()  # [12]
+            norms.append(n)
+            rows.append(prompt_row(ctx, p) | {lab: float(n[i]) for i, lab in enumerate(labels)})
+        avg = np.mean(norms, axis=0)
+        summary = {f"tap_norms/{lab}": float(avg[i]) for i, lab in enumerate(labels)}
+        summary[f"tap_norms/growth_{labels[-1]}_over_{labels[0]}"] = float(avg[-1] / avg[0]) if avg[0] > 0 else np.inf
+        return MetricOutput(summary=summary, rows=rows, arrays={"mean_norm": avg})

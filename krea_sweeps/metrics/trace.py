@@ -1,0 +1,141 @@
+"""One instrumented pass through the text path, shared by every conditioning-side metric of a job.
+
+The conditioning metrics all look at the same forward pass (taps → layerwise blocks → projector → refiners → txt_in's
+norm), so it is run once per prompt, with hooks reading what each stage *received and delivered* under the job's
+interventions, and memoised on the JobContext. Hooks are registered inside the intervention context, after the
+interventions' own hooks, so they see the edited tensors; all are removed on exit. Only content tokens are kept
+(the real model pads to 512 tokens; the metrics average over the ~tens of content tokens).
+
+Conditioning-side metrics see the text path as the positive branch at denoising step 0 does (`sampler.STATE` is
+cond/0 outside generation): an intervention gated to `uncond` or to a later step window is inactive here.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..prompts import content_mask
+from .attention import probed
+
+# Parts a metric may ask for besides the always-recorded taps, slots, projector output and fused features.
+PARTS = frozenset({"fusion_attention", "refiner_attention", "normed"})
+
+
+@dataclass
+class PromptTrace:
+    """One prompt's pass, content tokens only (Tc of them) unless noted."""
+
+    mask: torch.Tensor  # [T] bool, valid tokens (all positions)
+    content: torch.Tensor  # [T] bool, content tokens (all positions)
+    taps: torch.Tensor  # [Tc, 12, D] as text_fusion received them
+    slots: torch.Tensor  # [Tc, D, 12] as the projector received them
+    projected: torch.Tensor  # [Tc, D] what the projector delivered (after any hooks on it)
+    weight: torch.Tensor  # [12] the projector's weight parameter as seen during the pass
+    fused: torch.Tensor  # [Tc, D] text_fusion output (after the refiners)
+    normed: torch.Tensor | None = None  # [Tc, D] txt_in.norm output
+    fusion_attention: list[torch.Tensor] = field(default_factory=list)  # per block [Tc, H, 12, 12]
+    refiner_attention: list[torch.Tensor] = field(default_factory=list)  # per block [H, Tc, T] (content queries)
+
+
+@dataclass
+class TextTrace:
+    prompts: list[PromptTrace]
+    parts: frozenset
+    intervened: bool
+
+
+def requested_parts(ctx) -> frozenset:
+    parts = set()
+    for metric in ctx.job.metrics:
+        parts |= set(getattr(metric, "trace_parts", ()))
+    return frozenset(parts & PARTS)
+
+
+def _memo(ctx) -> dict:
+    memo = getattr(ctx, "cache", None)
+    if memo is None:  # a JobContext without the `cache` field (older task.py): keep the memo on the instance
+        memo = ctx.__dict__.setdefault("_metric_cache", {})
+    return memo
+
+
+def text_trace(ctx, intervened: bool = True, parts: frozenset | set = frozenset()) -> TextTrace:
+    """The job's text-path pass (with its interventions, or stock), memoised per job; a stock job's two are one.
+    Each pass records at once what every metric of the job asks for, so it runs once."""
+    intervened = intervened and not ctx.job.is_stock
+    parts = frozenset(parts) | requested_parts(ctx)
+    memo = _memo(ctx)
+    key = ("text_trace", intervened)
+    cached = memo.get(key)
+    if cached is not None and parts <= cached.parts:
+        return cached
+    if cached is not None:
+        parts |= cached.parts
+    traces = [trace_prompt(ctx, ctx.encoded.index(i), intervened, parts) for i in range(len(ctx.job.prompts))]
+    memo[key] = TextTrace(traces, parts, intervened)
+    return memo[key]
+
+
+@torch.no_grad()
+def trace_prompt(ctx, encoded, intervened: bool, parts: frozenset) -> PromptTrace:
+    text_path = ctx.text_path
+    tf = text_path.text_fusion
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = output
+
+        return hook
+
+    def keep_input(name):
+        def hook(module, args, kwargs=None):
+            seen[name] = args[0]
+
+        return hook
+
+    with ExitStack() as stack:
+        if intervened:
+            stack.enter_context(ctx.intervened())
+        stack.enter_context(_hook(tf.register_forward_pre_hook(keep_input("taps"), with_kwargs=True)))
+        stack.enter_context(_hook(tf.projector.register_forward_pre_hook(keep_input("slots"))))
+        stack.enter_context(_hook(tf.projector.register_forward_hook(keep("projected"))))
+        layer_calls = refiner_calls = None
+        if "fusion_attention" in parts:
+            layer_calls = stack.enter_context(probed([b.attn for b in tf.layerwise_blocks]))
+        if "refiner_attention" in parts:
+            refiner_calls = stack.enter_context(probed([b.attn for b in tf.refiner_blocks]))
+        weight = tf.projector.weight.detach().reshape(-1).clone()
+        fused = text_path(encoded.taps, encoded.mask)
+        if "normed" in parts:
+            with _hook(text_path.txt_in.norm.register_forward_hook(keep("normed"))):
+                text_path.txt_in(fused)
+
+    mask = encoded.mask[0].bool()
+    content = content_mask(encoded.mask)[0]
+    T = mask.shape[0]
+    out = PromptTrace(
+        mask=mask.cpu(), content=content.cpu(),
+        taps=seen["taps"][0][content].float().cpu(),
+        slots=seen["slots"][0][content].float().cpu(),
+        projected=seen["projected"].reshape(1, T, -1)[0][content].float().cpu(),
+        weight=weight.float().cpu(),
+        fused=fused[0][content].float().cpu(),
+        normed=seen["normed"][0][content].float().cpu() if "normed" in seen else None,
+    )
+    if layer_calls is not None:
+        # layerwise attention runs over the 12-tap axis of each of the B·T tokens: [B·T, H, 12, 12]
+        out.fusion_attention = [calls[-1].probs.unflatten(0, (1, T))[0][content].cpu() for calls in layer_calls]
+    if refiner_calls is not None:
+        out.refiner_attention = [calls[-1].probs[0][:, content].cpu() for calls in refiner_calls]
+    return out
+
+
+@contextmanager
+def _hook(handle):
+    try:
+        yield handle
+    finally:
+        handle.remove()
