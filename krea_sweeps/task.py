@@ -127,6 +127,7 @@ class JobContext:
     images: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     baseline_images: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
+    cache: dict = field(default_factory=dict)  # per-job memo for metrics (one text-path trace serves them all)
 
     @property
     def prompts(self) -> list[str]:
@@ -187,18 +188,23 @@ def generate_images(ctx: JobContext, pipe, with_interventions: bool, keys: list[
                     desc: str) -> dict[tuple[int, int], np.ndarray]:
     from tqdm.auto import tqdm
 
-    from .prompts import Encoded
-    from .sampler import generate
+    from .sampler import generate_many
 
     job = ctx.job
     out = {}
     bar = tqdm(total=len(keys) * job.sampler.steps, desc=desc, unit="step", leave=False,
                disable=os.environ.get("KREA_SWEEPS_PROGRESS", "1") == "0")
     scope = ctx.intervened() if with_interventions else _nullcontext()
+    # A step window makes the text path step-dependent: the sampler must not reuse it across steps.
+    step_dependent = with_interventions and any(getattr(i, "steps", None) is not None for i in job.interventions)
+    by_prompt: dict[int, list[int]] = {}
+    for p, seed in keys:
+        by_prompt.setdefault(p, []).append(seed)
     with scope:
-        for p, seed in keys:
-            out[(p, seed)] = generate(pipe, job.sampler, ctx.encoded.index(p), ctx.negative, seed,
-                                      on_step=lambda: bar.update(1))
+        for p, seeds in by_prompt.items():  # seeds of one prompt together: `sampler.batch_seeds` batches them
+            images = generate_many(pipe, job.sampler, ctx.encoded.index(p), ctx.negative, seeds,
+                                   on_step=lambda: bar.update(1), step_dependent=step_dependent)
+            out.update({(p, seed): image for seed, image in zip(seeds, images)})
     bar.close()
     return out
 
@@ -277,6 +283,8 @@ def execute(job: Job) -> dict:
                 arrays_dir.mkdir(parents=True, exist_ok=True)
                 np.save(arrays_dir / f"{metric.name}.{name}.npy", array)
             images.update(out.images)
+        for intervention in job.interventions:  # what interventions learned while attached (steer consistency)
+            summary.update(intervention.report())
     if ctx.images:
         sheet = contact_sheet(ctx.images, len(job.prompts), job.seeds)
         save_png(job.job_dir / "contact_sheet.png", sheet)
@@ -289,6 +297,7 @@ def execute(job: Job) -> dict:
         "images": sorted(str(Path("images") / f"p{p:02d}_s{s}.png") for p, s in ctx.images),
         "timings": dict(ctx.timings),
         "_wandb_images": images,
+        "interventions": [i.describe() for i in job.interventions],  # after the run: includes what attach learned
         "encode_cache": {"hits": encode_cache(ctx.encode_folder).hits, "misses": encode_cache(ctx.encode_folder).misses},
     }
 

@@ -1,0 +1,186 @@
+"""The fast generation path gives the eager path's images (float32, synthetic Krea 2) and does less work.
+
+Tolerance: images are in [0, 1]; trimming and batching change only matmul shapes, measured max |Δ| ≈ 1.5e-6, so
+`ATOL = 1e-4` leaves headroom without hiding a real difference (an intervention moves pixels by > 1e-2). The text-path
+cache alone is bit-exact. Timings live in bench/, never here.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from krea_sweeps.interventions import Intervention, InterventionContext, applied
+from krea_sweeps.models import TextPath
+from krea_sweeps.prompts import encode
+from krea_sweeps.sampler import STATE, Sampler, TextPathCache, generate, generate_many, trim_padding
+
+ATOL = 1e-4
+SEQ = 64  # short padding keeps the eager reference quick; trimming still drops most of it
+
+
+@dataclass
+class ProjectorOneHot(Intervention):
+    """Test-local stand-in for a projector "solo": w' = w_k·e_k at forward time, gated by branch and step window."""
+
+    slot: int = 3
+    kind: ClassVar[str] = "test_projector_one_hot"
+
+    @contextmanager
+    def attach(self, ctx: InterventionContext):
+        def hook(module, args, output):
+            if not self.active(ctx.state):
+                return None
+            w = torch.zeros_like(module.weight)
+            w[0, self.slot] = module.weight[0, self.slot]
+            return F.linear(args[0], w)
+
+        handle = ctx.text_path.text_fusion.projector.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _setup(model, steps=3):
+    pipe = model.pipeline()
+    layers = tuple(model.variant.select_layers)
+    cond = encode(model.tokenizer, model.text_encoder, ["a red fox in fresh snow"], SEQ, layers)
+    neg = encode(model.tokenizer, model.text_encoder, ["blurry"], SEQ, layers)
+    eager = Sampler(steps=steps, max_sequence_length=SEQ).resolved(model.variant)
+    return pipe, cond, neg, eager
+
+
+def _fast(eager: Sampler, **levers) -> Sampler:
+    from dataclasses import replace
+
+    return replace(eager, fast=True, **levers)
+
+
+@contextmanager
+def _intervened(pipe, interventions, steps):
+    ctx = InterventionContext(text_path=TextPath.of(pipe.transformer), num_steps=steps)
+    with applied(interventions, ctx):
+        yield
+
+
+@contextmanager
+def _count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda m, a, o: calls.append((STATE.branch, STATE._step)))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+# ------------------------------------------------------------------------------------------------ equality
+@pytest.mark.parametrize("variant", ["turbo", "raw"])  # raw: CFG, cond and negative of different trimmed lengths
+def test_fast_path_equals_eager_without_intervention(variant, request):
+    pipe, cond, neg, eager = _setup(request.getfixturevalue(variant))
+    ref = generate(pipe, eager, cond, neg, seed=3)
+    fast = generate(pipe, _fast(eager), cond, neg, seed=3)
+    trimmed_only = generate(pipe, _fast(eager, cache_text_path=False), cond, neg, seed=3)
+    assert _max_diff(fast, ref) < ATOL
+    assert np.array_equal(fast, trimmed_only)  # the cache is bit-exact: same calls, reused
+
+
+@pytest.mark.parametrize("steps_window", [None, [1, 3]])
+def test_fast_path_equals_eager_with_a_gated_intervention(raw, steps_window):
+    """Raw has CFG: the edit applies to the positive branch only (and, with a window, to steps 1–2 only)."""
+    pipe, cond, neg, eager = _setup(raw)
+    stock = generate(pipe, eager, cond, neg, seed=1)
+    solo = ProjectorOneHot(apply_to="cond", steps=steps_window)
+    with _intervened(pipe, [solo], eager.steps):
+        ref = generate(pipe, eager, cond, neg, seed=1)
+        fast = generate(pipe, _fast(eager), cond, neg, seed=1)  # step_dependent left False: detected by itself
+        flagged = generate(pipe, _fast(eager), cond, neg, seed=1, step_dependent=True)
+    assert _max_diff(ref, stock) > 1e-2  # the intervention does something
+    assert _max_diff(fast, ref) < ATOL
+    assert np.array_equal(fast, flagged)
+    assert np.array_equal(generate(pipe, eager, cond, neg, seed=1), stock)  # detached exactly
+
+
+def test_batched_seeds_equal_one_call_per_seed(turbo):
+    pipe, cond, neg, eager = _setup(turbo)
+    singles = [generate(pipe, eager, cond, neg, seed=s) for s in (0, 1, 2)]
+    batched = generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [0, 1, 2])
+    assert len(batched) == 3 and all(_max_diff(b, s) < ATOL for b, s in zip(batched, singles))
+    assert _max_diff(batched[0], batched[1]) > 1e-2  # each seed kept its own noise
+
+
+# ------------------------------------------------------------------------------------------------ less work
+@pytest.mark.parametrize("variant, per_image", [("turbo", 1), ("raw", 2)])  # once per image and CFG branch
+def test_text_path_runs_once_per_image_when_cached(variant, per_image, request):
+    pipe, cond, neg, eager = _setup(request.getfixturevalue(variant), steps=4)
+    with _count_calls(pipe.transformer.text_fusion.projector) as eager_calls:
+        generate(pipe, eager, cond, neg, seed=0)
+    with _count_calls(pipe.transformer.text_fusion.projector) as fast_calls:
+        generate_many(pipe, _fast(eager), cond, neg, [0, 1])
+    with _count_calls(pipe.transformer.text_fusion.projector) as batch_calls:
+        generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [0, 1])
+    assert len(eager_calls) == 4 * per_image
+    assert len(fast_calls) == 2 * per_image and {s for _, s in fast_calls} == {0}
+    assert len(batch_calls) == per_image
+
+
+def test_a_step_window_bypasses_the_cache(raw):
+    pipe, cond, neg, eager = _setup(raw, steps=4)
+    with _intervened(pipe, [ProjectorOneHot(apply_to="cond", steps=[1, 2])], eager.steps):
+        with _count_calls(pipe.transformer.text_fusion.projector) as calls:
+            generate(pipe, _fast(eager), cond, neg, seed=0)
+    cond_calls = [s for b, s in calls if b == "cond"]
+    assert cond_calls == [0, 1, 2, 3]  # the step-reading branch recomputed every step
+    assert [s for b, s in calls if b == "uncond"] == [0]  # the untouched branch still cached
+
+
+def test_fast_path_leaves_no_hooks_behind(raw):
+    pipe, cond, neg, eager = _setup(raw, steps=2)
+    tf = pipe.transformer.text_fusion
+    before = (len(pipe.transformer._forward_pre_hooks), len(tf._forward_pre_hooks), len(tf._forward_hooks))
+    generate(pipe, _fast(eager), cond, neg, seed=0)
+    after = (len(pipe.transformer._forward_pre_hooks), len(tf._forward_pre_hooks), len(tf._forward_hooks))
+    assert before == after
+    assert "forward" not in tf.__dict__ and "forward" not in pipe.transformer.txt_in.__dict__
+
+
+def test_trim_padding_keeps_only_valid_tokens(turbo):
+    _, cond, _, _ = _setup(turbo)
+    trimmed = trim_padding(cond)
+    assert trimmed.mask.all() and trimmed.taps.shape[1] == int(cond.mask.sum())
+    assert torch.equal(trimmed.taps[0], cond.taps[0][cond.mask[0]])
+
+
+def test_text_path_cache_drops_an_entry_edited_in_place():
+    """A forward hook that edits `text_fusion`'s output in place must not see its own edit again next step."""
+    lin = torch.nn.Linear(2, 2)
+    lin.register_forward_hook(lambda m, a, o: o.add_(1.0))
+    x = torch.ones(1, 2)
+    with torch.no_grad(), TextPathCache().wrapping(lin) as cache:
+        first, second = lin(x).clone(), lin(x).clone()
+    assert torch.equal(first, second) and cache.hits == 0
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_sampler_config_defaults_to_the_fast_path_and_opts_out():
+    from conftest import compose
+
+    from krea_sweeps.errors import ConfigError
+    from krea_sweeps.plan import instantiate
+
+    fast = instantiate(compose().sampler, "sampler")
+    eager = instantiate(compose(["sampler.fast=false"]).sampler, "sampler")
+    assert fast.fast and fast.trim_padding and fast.cache_text_path and fast.compile == "auto"
+    assert not eager.fast and eager.identity() != fast.identity()  # separate baseline caches
+    with pytest.raises(ConfigError, match="sampler.compile"):
+        instantiate(compose(["sampler.compile=sometimes"]).sampler, "sampler")
