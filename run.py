@@ -45,12 +45,25 @@ def exit_with_failures() -> None:
     from krea_sweeps.runner import FAILED_JOBS
 
     if FAILED_JOBS:
-        print(f"{len(FAILED_JOBS)} job(s) failed (see failed.json in each job dir):", file=sys.stderr)
+        print(f"{len(FAILED_JOBS)} job(s) failed (see failed.json in each job dir; rerun the same command to "
+              "retry only these):", file=sys.stderr)
         for line in FAILED_JOBS:
             print(f"  - {line}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    from krea_sweeps.runner import FailFast, Interrupted
+    from krea_sweeps.sweeps import preflight
+
+    preflight(sys.argv[1:])  # unknown `+experiment=NAME` etc.: one line, before Hydra composes
+    try:
+        main()
+    except Interrupted as e:
+        print(f"interrupted ({e.signame}): no partial result written; rerun the same command to resume "
+              "(finished jobs are skipped)", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except FailFast as e:
+        print(f"fail_fast: stopped at the first failed job: {e.line}", file=sys.stderr)
+        sys.exit(1)
     exit_with_failures()

@@ -3,7 +3,11 @@
 Hydra neither resumes sweeps nor survives a failing job (the basic launcher re-raises and the sweep stops). Here a
 job's directory is derived from its result-changing overrides, so a rerun finds `result.json` and skips the job; an
 exception is written to `failed.json` and the sweep goes on (unless `fail_fast=true`); `run.py` exits non-zero at the
-end with the failed jobs listed.
+end with the failed jobs listed (jobs in other processes are found on disk by `sweeps.SweepGuard`).
+
+SIGTERM (SLURM preemption, `scancel`) and SIGINT (Ctrl-C) become `Interrupted`: the job writes no result, its W&B run is
+marked preempting and finished, and the rerun (or submitit's requeue after SIGUSR2) runs it again. submitit's own
+SIGUSR2 handler exits with `SystemExit`, which is treated the same way.
 """
 
 from __future__ import annotations
@@ -30,22 +34,44 @@ FAILED_JOBS: list[str] = []  # jobs that failed in this process (basic launcher)
 class Interrupted(BaseException):
     """SIGTERM/SIGINT inside a job: stop cleanly, write no partial result."""
 
+    def __init__(self, signame: str):
+        super().__init__(signame)
+        self.signame = signame
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for death by signal: 128 + signal number (130 Ctrl-C, 143 SIGTERM)."""
+        return 128 + int(getattr(signal.Signals, self.signame, signal.SIGTERM))
+
+
+class FailFast(BaseException):
+    """`fail_fast=true` and a job failed: stop the sweep now. A BaseException, because Hydra's launchers catch
+    `Exception` per job and would start the remaining jobs of the batch before re-raising."""
+
+    def __init__(self, line: str):
+        super().__init__(line)
+        self.line = line
+
 
 @contextmanager
 def interrupt_guard():
-    """Turn SIGTERM (SLURM preemption) into `Interrupted` while a job runs; restore the old handler after."""
+    """Turn SIGTERM (SLURM preemption) and SIGINT (Ctrl-C) into `Interrupted` while a job runs; restore the old
+    handlers after (submitit's SIGTERM bypass, Python's KeyboardInterrupt)."""
     def handler(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
 
+    old = {}
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def tags_for(job: Job) -> list[str]:
@@ -67,14 +93,21 @@ def logged_config(job: Job) -> dict:
 
 
 def objective_of(job: Job, summary: dict):
+    """The value a Hydra sweeper (Optuna) optimises: `summary[objective]`, or a one-line error naming the real keys."""
     if not job.objective:
         return None
-    return summary.get(job.objective)
+    if job.objective not in summary:
+        raise ConfigError("objective", f"{job.objective!r} is not among the job's results",
+                          f"use one of: {', '.join(sorted(summary)) or '(no summaries)'}")
+    return float(summary[job.objective])
 
 
 def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
     """Plan, run and record one job. Returns the objective (for Optuna) or None."""
+    from .sweeps import check_objective
+
     job = plan(cfg, hydra_cfg)
+    check_objective(job)
     result_file, failed_file = job.job_dir / "result.json", job.job_dir / "failed.json"
     if job.multirun and result_file.exists() and not job.force:
         log.info("skip %s: %s exists (force=true reruns it)", job.name, result_file)
@@ -100,21 +133,33 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
         images = out.pop("_wandb_images")
         record.update(out, status="done")
         record["timings"]["total"] = time.perf_counter() - t0
+        if job.objective:
+            value = objective_of(job, record["summary"])
+            record["objective"] = {"key": job.objective, "value": value}
+            record["summary"]["objective"] = value
         write_json_atomic(result_file, record)
         failed = False
         tracker.log_summary(record["summary"])
         tracker.log_table("rows", record["rows"])
         tracker.log_images(images)
-    except Interrupted as e:
-        log.warning("job %s interrupted (%s): no result written", job.name, e)
+    except (Interrupted, KeyboardInterrupt, SystemExit) as e:
+        if not result_file.exists():
+            log.warning("job %s interrupted (%s): no result written; rerun the sweep to run it", job.name,
+                        getattr(e, "signame", type(e).__name__))
+            tracker._guard("mark_preempting", lambda: tracker.run.mark_preempting())
+        raise
+    except ConfigError:
         raise
     except Exception as e:
         write_json_atomic(failed_file, {"status": "failed", "job": config["job"], "error": f"{type(e).__name__}: {e}",
-                                        "traceback": traceback.format_exc()})
+                                        "traceback": traceback.format_exc(), "config": config,
+                                        "versions": versions()})
         FAILED_JOBS.append(f"{job.name}: {type(e).__name__}: {e}")
         log.error("job %s failed: %s: %s (details in %s)", job.name, type(e).__name__, e, failed_file)
-        if job.fail_fast or not job.multirun:
+        if not job.multirun:
             raise
+        if job.fail_fast:
+            raise FailFast(FAILED_JOBS[-1]) from e
         return None
     finally:
         tracker.finish(failed=failed)

@@ -1,0 +1,202 @@
+"""Sweep-level guards: check a whole sweep before its first job, report every failed job after its last.
+
+Hydra does neither. A typo in a sweep axis, an Optuna objective no metric provides or a SLURM launcher on a machine
+without SLURM would otherwise surface as a multi-line traceback — or only after hours of finished jobs. And launchers
+that run jobs in other processes (submitit) never hand their exceptions back, so failures are found afterwards, on
+disk, as `failed.json` files written during this sweep.
+
+`SweepGuard` is registered as a Hydra callback in `conf/config.yaml`; `preflight` runs in `run.py` before Hydra
+composes anything (an unknown `+experiment=NAME` fails inside composition, before any callback exists).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError, require
+from .plan import register_resolvers
+
+log = logging.getLogger("krea_sweeps")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# Submitit unpickles this callback in each job process before Hydra resolves `hydra.sweep.subdir` (= `${job_slug:…}`):
+# importing this module there is what registers the resolver in the child.
+register_resolvers()
+
+
+# --------------------------------------------------------------------------------------------- before composition
+def preflight(argv: list[str], conf_dir: Path = CONF) -> None:
+    """One line (exit 2) for an unknown option of one of our config groups, e.g. `+experiment=typo`."""
+    try:
+        check_group_options(argv, conf_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_group_options(argv: list[str], conf_dir: Path = CONF) -> None:
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"}
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        group = key.lstrip("+~")
+        if group not in groups or "(" in value or "$" in value:
+            continue
+        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml") if not p.stem.startswith("_"))
+        for name in _option_names(value):
+            require(name in options, group, f"unknown option {name!r}", f"choose one of: {', '.join(options)}")
+        if group in ("experiment", "hparams_search") and not key.startswith(("+", "~")):
+            raise ConfigError(group, f"`{arg}` needs a leading +", f"write +{arg} (it is not in the defaults list)")
+
+
+def _option_names(value: str) -> list[str]:
+    value = value.strip().strip("[]")
+    return [v.strip() for v in value.replace("[", ",").replace("]", ",").split(",") if v.strip()]
+
+
+# ------------------------------------------------------------------------------------------- before the first job
+def check_launcher(config: DictConfig) -> None:
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "SlurmLauncher" in target:
+        require(shutil.which("sbatch") is not None, "hydra/launcher",
+                "the SLURM launcher needs `sbatch`, which is not on PATH (not a SLURM login node?)",
+                "run on the cluster's login node, or use hydra/launcher=local (processes here) or no launcher "
+                "override (one process, shared model cache)")
+
+
+def check_sweep(config: DictConfig) -> None:
+    """Compose and plan each value of each sweep axis (others at their first value): bad keys, bad values, a bad
+    objective all fail here, in one line, before any job starts. Model-free: `plan` loads nothing."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    parser = OverridesParser.create()
+    try:
+        overrides = parser.parse_overrides(arguments)
+    except Exception as e:  # hydra's grammar errors are already one line
+        raise ConfigError("overrides", str(e).splitlines()[0], "check the override syntax") from None
+    by_key = {}
+    for o in overrides:  # a command-line axis replaces the preset's axis of the same key (as the sweeper does)
+        by_key[o.get_key_element()] = o
+    axes = {k: _values(o) for k, o in by_key.items() if o.is_sweep_override()}
+    fixed = [o.input_line for k, o in by_key.items() if not o.is_sweep_override()]
+    first = {k: v[0] for k, v in axes.items()}
+    is_optuna = "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).lower()
+    jobs = [first]
+    for k, values in axes.items():
+        jobs += [{**first, k: v} for v in values[1:]]
+    loader = GlobalHydra.instance().config_loader()
+    for job in jobs:
+        job_overrides = fixed + [f"{k}={v}" for k, v in job.items()]
+        where = " ".join(f"{k}={v}" for k, v in job.items())
+        try:
+            job_cfg = loader.load_sweep_config(config, job_overrides)
+        except Exception as e:
+            bad = _bad_key(str(e), list(job))
+            raise ConfigError(bad, f"this sweep cannot be composed ({str(e).splitlines()[0].strip()})",
+                              "check the key and value (`python run.py --cfg job` lists the keys); "
+                              "prefix + to add a new key") from None
+        try:
+            check_job(job_cfg, optuna=is_optuna)
+        except ConfigError as e:
+            if len(jobs) == 1 or is_optuna:  # the job's values add nothing (Optuna's are placeholders)
+                raise
+            raise ConfigError(e.key, f"{e.problem} (sweep job: {where})", e.fix) from None
+
+
+def check_job(cfg: DictConfig, optuna: bool = False) -> None:
+    from .plan import plan
+
+    job = plan(cfg)
+    if optuna:
+        require(bool(job.objective), "objective", "the Optuna sweeper needs a metric to optimise",
+                "set objective=<metric>/<stat>, e.g. objective=image_stats/sharpness")
+    check_objective(job)
+
+
+def check_objective(job) -> None:
+    """The objective's metric (`<metric>/<stat>`) must be one the job computes; the stat is checked against a
+    metric's declared `summary_keys` when it declares them (else after the first job, by the runner)."""
+    if not job.objective:
+        return
+    names = {m.name: m for m in job.metrics}
+    metric = str(job.objective).split("/", 1)[0]
+    require(metric in names, "objective", f"{job.objective!r}: no selected metric provides it "
+            f"(metrics: {', '.join(sorted(names))})",
+            f"add the metric (metrics=[{','.join(sorted(set(names) | {metric}))}]) or name a key of a selected metric")
+    declared = getattr(names[metric], "summary_keys", None)
+    declared = declared() if callable(declared) else declared
+    if declared:
+        require(job.objective in set(declared), "objective", f"{job.objective!r} is not a key of `{metric}`",
+                f"use one of: {', '.join(sorted(declared))}")
+
+
+def _values(override) -> list[str]:
+    """The sweep values as override strings (interval sweeps → their low end: a representative)."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        return [repr(float(value.start))]
+    return list(override.sweep_string_iterator())
+
+
+def _bad_key(message: str, keys: list[str]) -> str:
+    for k in keys:
+        if f"'{k}'" in message or f"'{k.lstrip('+~')}'" in message:
+            return k.lstrip("+~")
+    import re
+
+    m = re.search(r"'([^']+)'", message)
+    return m.group(1) if m else "overrides"
+
+
+# --------------------------------------------------------------------------------------------- after the last job
+def failures_since(sweep_dir: Path, since: float) -> list[str]:
+    """`name: error` for each job of `sweep_dir` whose failed.json was written at or after `since`."""
+    out = []
+    for file in sorted(Path(sweep_dir).glob("*/failed.json")):
+        if file.stat().st_mtime + 1.0 < since:
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        out.append(f"{file.parent.name}: {data.get('error', 'unknown error')}")
+    return out
+
+
+class SweepGuard(Callback):
+    """Validate the sweep before it starts; afterwards collect failures from disk (works for every launcher)."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time()
+        try:
+            check_launcher(config)
+            check_sweep(config)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from .runner import FAILED_JOBS
+
+        if self.started is None:
+            return
+        for line in failures_since(Path(config.hydra.sweep.dir), self.started):
+            if line not in FAILED_JOBS:
+                FAILED_JOBS.append(line)
