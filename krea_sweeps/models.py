@@ -213,6 +213,8 @@ class LoadedModel:
         self.variant = variant
         self.sources = sources_for(variant)
         self.device = resolve_device(variant.device)
+        # With offload, parts stay in CPU memory; diffusers' offload hooks move each to the GPU only while it runs.
+        self.load_device = torch.device("cpu") if variant.offload else self.device
         self.dtype = resolve_dtype(variant.dtype, self.device)
         self._local = not variant.allow_network
 
@@ -235,14 +237,14 @@ class LoadedModel:
             hf_logging.disable_progress_bar()  # one log line per part is enough
             model = Qwen3VLModel.from_pretrained(self.sources.text_encoder, torch_dtype=self.dtype,
                                                  local_files_only=self._local)
-            return _freeze(_to_device(model, self.device))
+            return _freeze(_to_device(model, self.load_device))
 
         return _cached(self._key("text_encoder", self.sources.text_encoder), build)
 
     @property
     def transformer(self):
         def build():
-            model = _freeze(_to_device(self._load_transformer(), self.device))
+            model = _freeze(_to_device(self._load_transformer(), self.load_device))
             if self.sources.lora is not None:
                 self._attach_lora(model)
             return model
@@ -268,7 +270,7 @@ class LoadedModel:
         def build():
             model = AutoencoderKLQwenImage.from_pretrained(self.sources.vae, torch_dtype=self.dtype,
                                                            local_files_only=self._local)
-            return _freeze(_to_device(model, self.device))
+            return _freeze(_to_device(model, self.load_device))
 
         return _cached(self._key("vae", self.sources.vae), build)
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .plan import Job, plan
-from .task import SYNTHETIC_WARNING, execute, versions, write_json_atomic
+from .task import SYNTHETIC_WARNING, execute, intervention_label, versions, write_json_atomic
 
 log = logging.getLogger("krea_sweeps")
 
@@ -76,10 +76,19 @@ def interrupt_guard():
 
 def tags_for(job: Job) -> list[str]:
     tags = [f"variant:{job.variant.name}", job.experiment]
-    tags += [f"intervention:{i.kind}" for i in job.interventions]
+    for i in job.interventions:
+        described = i.describe()
+        tags.append(f"intervention:{i.kind}")
+        tags += [f"{k}:{described[k]}" for k in ("site", "slot", "layer") if described.get(k) is not None]
     if job.variant.synthetic:
         tags.append("synthetic")
     return tags
+
+
+def run_name(job: Job) -> str:
+    """What ran, readable in W&B's run list: the intervention (kind, site, slot, layer …), then the job's overrides."""
+    label = intervention_label(job)
+    return job.name if label == "none" else f"{label} · {job.name}"
 
 
 def logged_config(job: Job) -> dict:
@@ -121,7 +130,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
 
     tracker = Tracker(job.wandb)
     config = logged_config(job)
-    tracker.start(job_dir=job.job_dir, name=job.name, group=job.group, job_type=job.experiment,
+    tracker.start(job_dir=job.job_dir, name=run_name(job), group=job.group, job_type=job.experiment,
                   tags=tags_for(job), config=config)
     record = {"status": "running", "job": config["job"], "config": config, "synthetic": job.variant.synthetic,
               "versions": versions(), "wandb": tracker.where()}

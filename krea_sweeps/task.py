@@ -290,7 +290,7 @@ def execute(job: Job) -> dict:
         save_png(job.job_dir / "contact_sheet.png", sheet)
         images["contact_sheet"] = (sheet, f"{job.name}: rows = prompts, cols = seeds {job.seeds}")
         for (p, s), img in ctx.images.items():
-            images[f"images/p{p:02d}_s{s}"] = (img, f"{job.prompts[p][:80]} | seed {s} | {_intervention_label(job)}")
+            images[f"images/p{p:02d}_s{s}"] = (img, f"{job.prompts[p][:80]} | seed {s} | {intervention_label(job)}")
     return {
         "summary": summary,
         "rows": rows,
@@ -302,7 +302,7 @@ def execute(job: Job) -> dict:
     }
 
 
-def _intervention_label(job: Job) -> str:
+def intervention_label(job: Job) -> str:
     parts = []
     for i in job.interventions:
         d = i.describe()

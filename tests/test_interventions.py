@@ -433,3 +433,16 @@ def test_cli_solo_sweep(cli):
                        for j in jobs)
     assert described == [(0, 2, "projector"), (7, 23, "projector")]
     assert all("intervention.slot=" in j["name"] for j in jobs)
+
+
+def test_wandb_run_name_and_tags_name_slot_layer_and_site():
+    from conftest import compose
+
+    from krea_sweeps.plan import plan
+    from krea_sweeps.runner import run_name, tags_for
+
+    job = plan(compose(["intervention=solo", "intervention.slot=6"]))
+    name = run_name(job)
+    assert "solo" in name and "slot=6" in name and "layer=20" in name and "site=projector" in name
+    assert {"intervention:solo", "slot:6", "layer:20", "site:projector"} <= set(tags_for(job))
+    assert run_name(plan(compose([]))) == "adhoc"  # stock: just the job name

@@ -38,9 +38,9 @@ def prompt_row(ctx, p: int) -> dict:
 
 
 def caption(ctx, what: str) -> str:
-    from ..task import _intervention_label
+    from ..task import intervention_label
 
-    return f"{what} | {ctx.job.variant.name} | prompts={ctx.job.prompt_set.name} | {_intervention_label(ctx.job)}"
+    return f"{what} | {ctx.job.variant.name} | prompts={ctx.job.prompt_set.name} | {intervention_label(ctx.job)}"
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
