@@ -72,9 +72,9 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 # ---------------------------------------------------------------------------------------------- compose, validate
 def test_presets_table_is_complete():
     assert set(REDUCED) == set(PRESETS)
-    docs = (REPO / "docs" / "sweeps.md").read_text()
+    docs = (REPO / "README.md").read_text()
     for name in PRESETS:
-        assert f"+experiment={name}" in docs, f"docs/sweeps.md has no command for {name}"
+        assert f"+experiment={name}" in docs, f"README.md has no command for {name}"
 
 
 @pytest.mark.parametrize("name", PRESETS)
