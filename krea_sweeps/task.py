@@ -282,6 +282,8 @@ def execute(job: Job) -> dict:
             for name, array in out.arrays.items():
                 arrays_dir.mkdir(parents=True, exist_ok=True)
                 np.save(arrays_dir / f"{metric.name}.{name}.npy", array)
+            for name, (figure, _caption) in out.images.items():  # heatmaps, bars: also on disk, not only in W&B
+                save_png(job.job_dir / "figures" / f"{name.replace('/', '_')}.png", figure)
             images.update(out.images)
         for intervention in job.interventions:  # what interventions learned while attached (steer consistency)
             summary.update(intervention.report())
