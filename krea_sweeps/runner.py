@@ -28,6 +28,7 @@ from .task import SYNTHETIC_WARNING, execute, intervention_label, versions, writ
 
 log = logging.getLogger("krea_sweeps")
 
+_WARNED = {"synthetic": False}
 FAILED_JOBS: list[str] = []  # jobs that failed in this process (basic launcher); run.py reads it at exit
 
 
@@ -123,8 +124,9 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
         return objective_of(job, json.loads(result_file.read_text()).get("summary", {}))
     for stale in (result_file, failed_file):
         stale.unlink(missing_ok=True)
-    if job.variant.synthetic:
+    if job.variant.synthetic and not _WARNED["synthetic"]:  # once per process, not once per job
         log.warning(SYNTHETIC_WARNING)
+        _WARNED["synthetic"] = True
 
     from .tracking import Tracker
 
