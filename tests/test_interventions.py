@@ -58,7 +58,7 @@ def close(a, b, tol=1e-6) -> bool:
 
 
 def direction_file(tmp_path, shape=(12, 32)) -> str:
-    path = tmp_path / "d.npy"
+    path = tmp_path / f"d{'x'.join(map(str, shape))}.npy"  # one file per shape
     np.save(path, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
     return str(path)
 
@@ -109,7 +109,10 @@ def test_removal_restores_everything_even_after_an_exception(turbo, tmp_path):
                 raise RuntimeError("boom")
         assert_same_snapshot(snapshot(tp), before)
         assert torch.equal(fused(turbo), stock), intervention.describe()
-    with torch.no_grad(), applied(every_kind(tmp_path), ctx):  # all at once, composed
+    # All at once, composed. Steers go first: a pair direction is measured through the path as attached so far, and
+    # the rest together (solo 6, leave-one-out 6, fusion solo, ablations) leave no prompt-dependence to measure.
+    composed = sorted(every_kind(tmp_path), key=lambda i: i.kind != "steer")
+    with torch.no_grad(), applied(composed, ctx):
         assert not torch.isnan(fused(turbo, ctx)).any()
     assert_same_snapshot(snapshot(tp), before)
     assert torch.equal(fused(turbo), stock)
@@ -209,6 +212,77 @@ def test_ablate_modes_match_direct_computation(turbo):
         assert not torch.equal(fused(turbo, interventions=[other], enc=trim_padding(one)), fused(turbo, enc=trim_padding(one)))
 
 
+def with_weight(model, weight: torch.Tensor, enc=None) -> torch.Tensor:
+    """Fused features with the projector weight replaced by `weight` (restored after): the reference for w'."""
+    param = model.text_path.text_fusion.projector.weight
+    original = param.detach().clone()
+    try:
+        with torch.no_grad():
+            param.copy_(weight)
+        return fused(model, enc=enc)
+    finally:
+        with torch.no_grad():
+            param.copy_(original)
+
+
+def test_projector_edits_compose_in_list_order(turbo, tmp_path):
+    from krea_sweeps.export import write_diff
+    from krea_sweeps.interventions import LoraFile
+
+    w = turbo.text_path.text_fusion.projector.weight.detach().clone()
+    g, h = torch.tensor(Rebalance().gains), torch.linspace(0.2, 2.0, 12)
+    both = fused(turbo, interventions=[Rebalance(gains=g.tolist()), Rebalance(gains=h.tolist())])
+    assert close(both, fused(turbo, interventions=[Rebalance(gains=(g * h).tolist())]), 1e-6)
+    assert close(both, with_weight(turbo, w * g * h), 1e-6)
+    # edits that do not commute apply in list order: solo then lora = w_6·e_6 + diff; lora then solo = (w + diff)_6·e_6
+    gains = [3.0 if i == 3 else 1.0 for i in range(12)]
+    lora = LoraFile(path=str(write_diff(tmp_path / "r.safetensors", w, gains, {})))
+    e6 = torch.zeros(12)
+    e6[6] = 1.0
+    assert close(fused(turbo, interventions=[Solo(slot=6), lora]), with_weight(turbo, w * e6 + lora.diff), 1e-6)
+    assert close(fused(turbo, interventions=[lora, Solo(slot=6)]), with_weight(turbo, (w + lora.diff) * e6), 1e-6)
+    # gated out edits drop out of the chain: what is left is bit-identical to that edit alone
+    ctx = context(turbo, DenoiseState(branch="uncond"))
+    alone = fused(turbo, ctx, [Rebalance(gains=h.tolist(), apply_to="both")])
+    assert torch.equal(fused(turbo, ctx, [Rebalance(gains=g.tolist()), Rebalance(gains=h.tolist(), apply_to="both")]),
+                       alone)
+
+
+def test_composed_rms_renorm_refers_to_the_stock_output(turbo):
+    """Whichever entry asks for renorm=rms, the composed output gets the stock projector output's per-token RMS."""
+    g, h = Rebalance().gains, [0.2 + 0.15 * i for i in range(12)]
+    grabbed = []
+    refiner = turbo.text_path.text_fusion.refiner_blocks[0]
+    handle = refiner.register_forward_pre_hook(lambda m, args: grabbed.append(args[0]))
+    try:
+        fused(turbo)
+        fused(turbo, interventions=[Rebalance(gains=g, renorm="rms"), Rebalance(gains=h)])
+        fused(turbo, interventions=[Rebalance(gains=h), Rebalance(gains=g, renorm="rms")])
+        fused(turbo, interventions=[Rebalance(gains=[a * b for a, b in zip(g, h)], renorm="rms")])
+    finally:
+        handle.remove()
+    stock, first, last, product = grabbed
+    rms = [x.pow(2).mean(-1).sqrt() for x in grabbed]
+    assert close(rms[1], rms[0], 1e-5) and close(rms[2], rms[0], 1e-5)
+    assert close(first, product, 1e-5) and close(last, product, 1e-5) and not close(product, stock, 1e-2)
+
+
+@pytest.mark.parametrize("site", ["taps", "slots"])
+def test_ablate_noise_ignores_padding_and_batching(turbo, site):
+    """Noise is drawn per valid-token rank, so a prompt gets the same noise padded, trimmed, or in a batch."""
+    from krea_sweeps.sampler import trim_padding
+
+    ablate = Ablate(site=site, mode="noise", targets=[0, "L20"], seed=4)
+    one, batch = encode(turbo, PROMPTS[1:]), encode(turbo, [PROMPTS[0], PROMPTS[1]])
+    padded = fused(turbo, interventions=[ablate], enc=one)[0, one.mask[0]]
+    trimmed = fused(turbo, interventions=[ablate], enc=trim_padding(one))[0]
+    batched = fused(turbo, interventions=[ablate], enc=batch)[1, batch.mask[1]]
+    assert close(trimmed, padded, 1e-5) and close(batched, padded, 1e-5)
+    assert not close(padded, fused(turbo, enc=one)[0, one.mask[0]], 1e-3)
+    assert not close(padded, fused(turbo, interventions=[Ablate(site=site, mode="noise", targets=[0, "L20"], seed=5)],
+                                   enc=one)[0, one.mask[0]], 1e-3)  # the seed matters
+
+
 # ------------------------------------------------------------------------------------------------------------- steer
 def test_steer_direction_and_consistency_from_pairs(turbo):
     steer = Steer(pairs=PAIRS)
@@ -259,8 +333,9 @@ def test_steer_at_fused_matches_direct_computation(turbo):
 
 
 # ---------------------------------------------------------------------------------------------------------- knockout
-def explicit_attention(attn, x, mask):
-    """softmax(QKᵀ/√d + mask)·V through the module's own projections, written out (rows with no key → 0)."""
+def explicit_attention(attn, x, mask, guard: bool = True):
+    """softmax(QKᵀ/√d + mask)·V through the module's own projections, written out (rows with no key → 0, or NaN
+    without the guard, as some kernels give)."""
     q = attn.norm_q(attn.to_q(x).unflatten(-1, (attn.num_heads, attn.head_dim))).transpose(1, 2)
     k = attn.norm_k(attn.to_k(x).unflatten(-1, (attn.num_kv_heads, attn.head_dim))).transpose(1, 2)
     v = attn.to_v(x).unflatten(-1, (attn.num_kv_heads, attn.head_dim)).transpose(1, 2)
@@ -268,7 +343,8 @@ def explicit_attention(attn, x, mask):
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.head_dim)
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # the guard: a row with no key attends to nothing
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs.nan_to_num(0.0) if guard else probs  # the guard: a row with no key attends to nothing
     out = (probs @ v).transpose(1, 2).flatten(2)
     return attn.to_out[0](out * torch.sigmoid(attn.to_gate(x)))
 
@@ -289,6 +365,34 @@ def test_knockout_equals_explicit_masked_softmax(turbo, keys, queries):
     assert close(hooked, expected, 1e-5)
     assert not close(hooked, stock, 1e-3)
     assert not torch.isnan(fused(turbo, ctx, [knockout])).any()
+
+
+class UnguardedProcessor:
+    """A stand-in attention kernel that gives NaN for a query with no visible key (the written-out softmax)."""
+
+    def __call__(self, attn, x, attention_mask=None, image_rotary_emb=None, **kwargs):
+        mask = torch.ones(1, 1, 1, x.shape[-2], dtype=torch.bool) if attention_mask is None else attention_mask
+        return explicit_attention(attn, x, mask, guard=False)
+
+
+def test_composed_knockouts_that_hide_every_key_give_zero_attention_on_any_kernel(turbo):
+    attn = turbo.text_path.text_fusion.layerwise_blocks[1].attn
+    x = torch.randn(3, 12, 32, generator=torch.Generator().manual_seed(1))
+    ctx = context(turbo)
+    halves = [Knockout(keys=list(range(6)), blocks=[1]), Knockout(keys=list(range(6, 12)), blocks=[1])]
+    stock = attn.processor
+    attn.processor = UnguardedProcessor()
+    try:
+        with torch.no_grad(), applied(halves, ctx):
+            composed = attn(x)
+        with torch.no_grad(), applied([Knockout(keys=list(range(12)), blocks=[1])], ctx):
+            everything = attn(x)
+        with torch.no_grad(), applied(halves[:1], ctx):
+            half = attn(x)
+    finally:
+        attn.processor = stock
+    assert torch.equal(composed, torch.zeros_like(composed)) and torch.equal(everything, composed)
+    assert not torch.isnan(half).any() and half.abs().max() > 0
 
 
 # ------------------------------------------------------------------------------------------------------------ gating
@@ -377,6 +481,11 @@ def bad_inputs(tmp_path):
         (lambda: Solo(slot=1, apply_to="negative"), "intervention.apply_to"),
         (lambda: Solo(slot=1, steps=[0, 9]).validate(InterventionContext(num_steps=8)), "intervention.steps"),
         (lambda: Solo(slot=1, steps=[3, 3]), "intervention.steps"),
+        (lambda: Steer(direction_file=direction_file(tmp_path, (12, 31))).validate(InterventionContext(text_dim=32)),
+         "intervention.direction_file"),
+        (lambda: Steer(direction_file=direction_file(tmp_path, (32,)), site="fused").validate(
+            InterventionContext(text_dim=31)), "intervention.direction_file"),
+        (lambda: Solo(slot=1, apply_to="uncond").validate(InterventionContext(guidance=0.0)), "intervention.apply_to"),
     ]
 
 
@@ -399,6 +508,65 @@ def test_bad_input_fails_at_plan_time(tmp_path):
         with pytest.raises(ConfigError) as info:
             effective_interventions(compose(overrides))
         assert info.value.key.startswith(key)
+
+
+def test_plan_checks_what_needs_the_model_config_without_loading_it(tmp_path):
+    """Steer's direction width (text_hidden_dim) and apply_to=uncond without CFG fail at plan time, before any load."""
+    from conftest import compose
+
+    from krea_sweeps import models
+    from krea_sweeps.plan import plan
+
+    loads = dict(models.LOAD_COUNTS)
+    steer = ["intervention=steer", "intervention.mode=add"]
+    uncond = ["intervention=solo", "intervention.slot=6", "intervention.apply_to=uncond"]
+    for overrides, key, says in [
+        ([*steer, f"intervention.direction_file={direction_file(tmp_path, (12, 31))}"], "intervention.direction_file",
+         "[12, 32]"),
+        ([*steer, "intervention.site=fused", f"intervention.direction_file={direction_file(tmp_path, (31,))}"],
+         "intervention.direction_file", "[32]"),
+        (uncond, "intervention.apply_to", "guidance"),  # Turbo: guidance 0, no negative branch
+    ]:
+        with pytest.raises(ConfigError) as info:
+            plan(compose(overrides))
+        assert info.value.key == key and says in str(info.value), str(info.value)
+    plan(compose([*steer, f"intervention.direction_file={direction_file(tmp_path, (12, 32))}"]))
+    for fine in (["model=raw"], ["sampler.guidance=4.5"]):
+        plan(compose([*uncond, *fine]))
+    plan(compose(["intervention=solo", "intervention.slot=6", "intervention.apply_to=both"]))  # acts on cond
+    plan(compose(["intervention.apply_to=uncond"]))  # `none` does nothing on any branch
+    assert models.LOAD_COUNTS == loads
+
+
+def test_errors_of_list_entries_name_the_list_key(turbo):
+    import re
+
+    from conftest import compose
+
+    from krea_sweeps.plan import plan
+
+    solo = "{_target_: krea_sweeps.interventions.Solo, slot: 3"
+    for overrides, key in [
+        (["interventions=[{_target_: krea_sweeps.interventions.Solo, slot: 12}]"], "interventions[0].slot"),
+        (["interventions=[{_target_: krea_sweeps.interventions.Rebalance, preset: null}]"], "interventions[0].preset"),
+        (["intervention=solo", "intervention.slot=3", "interventions=[{_target_: krea_sweeps.interventions.TapScale},"
+          "{_target_: krea_sweeps.interventions.Knockout, keys: [L19]}]"], "interventions[1].keys[0]"),
+        ([f"interventions=[{solo}, steps: [0, 99]}}]"], "interventions[0].steps"),  # from validate()
+        ([f"interventions=[{solo}, apply_to: uncond}}]"], "interventions[0].apply_to"),
+        (["intervention=solo", "intervention.slot=12"], "intervention.slot"),  # the group keeps its own key
+    ]:
+        with pytest.raises(ConfigError) as info:
+            plan(compose(overrides))
+        assert info.value.key == key, (key, str(info.value))
+        if key.startswith("interventions"):  # the fix text names the real key too
+            assert not re.search(r"(?<![\w.])intervention\.", str(info.value)), str(info.value)
+    # errors raised while attaching are named the same way
+    ablate = Ablate(mode="mean", targets=[1])
+    ablate.config_key = "interventions[2]"
+    with pytest.raises(ConfigError) as info:
+        with applied([ablate], InterventionContext(text_path=turbo.text_path)):
+            pass
+    assert info.value.key == "interventions[2].mode"
 
 
 # ------------------------------------------------------------------------------------------------- config and CLI

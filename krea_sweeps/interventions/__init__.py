@@ -11,17 +11,20 @@ in order after it, through the top-level list (quote it for the shell)::
     python run.py intervention=solo intervention.layer=20 \\
         'interventions=[{_target_: krea_sweeps.interventions.Knockout, keys: [L20], blocks: [0]}]'
 
+Projector-site edits compose on the weight in that order (w' = f_n(…f_1(w))); see docs/interventions.md.
+Errors name the real config key (`interventions[1].slot` for list entries).
+
 Slots/taps are addressed by index (`6`) or encoder layer (`L20` in lists, `layer: 20` for one slot).
 """
 
 from .attention import Knockout
-from .base import Intervention, InterventionContext, NoIntervention, applied, describe_all
+from .base import Intervention, InterventionContext, NoIntervention, applied, describe_all, keyed, validate_all
 from .projector import DIFF_KEY, PRESETS, LayerGains, LeaveOneOut, LoraFile, Rebalance, Solo
 from .steer import Steer
 from .taps import Ablate, TapScale
 
 __all__ = [
-    "Intervention", "InterventionContext", "NoIntervention", "applied", "describe_all",
+    "Intervention", "InterventionContext", "NoIntervention", "applied", "describe_all", "keyed", "validate_all",
     "LayerGains", "Solo", "LeaveOneOut", "Rebalance", "LoraFile", "TapScale", "Ablate", "Knockout", "Steer",
     "DIFF_KEY", "PRESETS",
 ]

@@ -6,7 +6,8 @@ on `layerwise_blocks[i].attn` can inject a boolean `attention_mask` ([1, 1, 1, 1
 some queries lose the keys) that diffusers' processor hands to its attention kernel unchanged — no processor swap,
 nothing to restore but the hook. A query row with every key masked has no softmax (an explicit computation gives
 NaN, SDPA gives zeros, other kernels may differ), so such rows are defined as "attention contributes nothing": a
-forward hook zeroes their output, whatever the kernel.
+forward hook zeroes their output, whatever the kernel — judged on the mask actually passed to the kernel, so two
+knockouts that together hide every key (e.g. keys 0–5 and 6–11) are defined too.
 """
 
 from __future__ import annotations
@@ -36,32 +37,36 @@ def key_mask(keys_visible: list[bool], queries: list[int] | None = None) -> torc
 def masked_attention(intervention: Intervention, ctx: InterventionContext, blocks: list[int], mask: torch.Tensor,
                      key: str) -> Iterator[None]:
     """Inject `mask` into the given layerwise blocks' attention while `intervention` is active (ANDed with any mask
-    already there, so knockouts compose)."""
-    dead_rows = ~mask.any(-1).view(-1)  # [1] or [12]: queries with no visible key
+    already there, so knockouts compose). Query rows left with no visible key by the mask actually used — which for
+    composed knockouts can be dead although neither mask alone is — get zero output, whatever the kernel."""
+    used = {}  # id(module) -> the combined mask this hook passed on in the current call
 
     def pre(module, args, kwargs):
         if not intervention.active(ctx.state):
+            used.pop(id(module), None)
             return None
         m = mask.to(args[0].device)
         existing = args[1] if len(args) > 1 else kwargs.get("attention_mask")
         if existing is not None:
             m = existing.bool() & m
+        used[id(module)] = m
         if len(args) > 1:
             return (args[0], m, *args[2:]), kwargs
         return args, {**kwargs, "attention_mask": m}
 
     def zero_dead(module, args, output):
-        if not intervention.active(ctx.state):
+        m = used.pop(id(module), None)
+        if m is None:
             return None
-        rows = dead_rows.to(output.device).expand(output.shape[-2])
-        return output.masked_fill(rows[:, None], 0.0)
+        dead = (~m.any(-1)).all(1)  # [b, q]: queries with no visible key (in every head); no host sync to ask
+        rows = dead.expand(output.shape[0], output.shape[-2])
+        return output.masked_fill(rows[..., None], 0.0)
 
     with ExitStack() as stack:
         for b in blocks:
             attn = layerwise_attention(ctx, b, key)
             stack.enter_context(hooked(attn, pre, pre=True, with_kwargs=True))
-            if bool(dead_rows.any()):
-                stack.enter_context(hooked(attn, zero_dead))
+            stack.enter_context(hooked(attn, zero_dead))
         yield
 
 

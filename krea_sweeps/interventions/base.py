@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
-from ..errors import require
+from ..errors import ConfigError, require
 from ..sampler import STATE, DenoiseState
 
 
 @dataclass
 class InterventionContext:
-    """What an intervention may need besides the text path: encoding reference prompts (ablate mean, steer pairs)
-    and the sampler's step count (to check `steps` windows)."""
+    """What an intervention may need besides the text path: encoding reference prompts (ablate mean, steer pairs),
+    and — filled by `plan()` from config alone, so bad input fails before any load — the sampler's step count (to
+    check `steps` windows), its resolved guidance (0 = no negative branch for `apply_to`) and the encoder width D of
+    the taps [.., 12, D] (to check a steer direction file). None = unknown: that check is skipped."""
 
     text_path: Any = None
     encode: Callable[[list[str]], Any] | None = None
     num_steps: int | None = None
     state: DenoiseState = field(default_factory=lambda: STATE)
+    guidance: float | None = None
+    text_dim: int | None = None
 
 
 @dataclass
@@ -29,6 +34,9 @@ class Intervention:
     steps: list[int] | None = None
 
     kind: ClassVar[str] = "base"
+    # The config key this object came from (`intervention`, or `interventions[i]` for list entries): errors are
+    # raised as `intervention.X` and rewritten to it by `keyed()`. Set per instance by plan.effective_interventions.
+    config_key: ClassVar[str] = "intervention"
 
     def __post_init__(self):
         require(self.apply_to in ("cond", "uncond", "both"), f"intervention.apply_to",
@@ -44,6 +52,13 @@ class Intervention:
             require(self.steps[1] <= ctx.num_steps, "intervention.steps",
                     f"window {self.steps} exceeds the sampler's {ctx.num_steps} steps",
                     f"keep end <= {ctx.num_steps} (or raise sampler.steps)")
+        if ctx.guidance is not None and ctx.guidance <= 0 and not self.is_identity:
+            # Without CFG the transformer never runs a negative branch, so an uncond-only edit would silently be a
+            # no-op that still gets recorded as an intervention.
+            require(self.apply_to != "uncond", "intervention.apply_to",
+                    f"apply_to=uncond edits only the negative CFG branch, but guidance is {ctx.guidance:g} (no "
+                    "negative branch runs)", "use apply_to=cond (or both), or a variant/sampler with guidance > 0 "
+                    "(e.g. model=raw, or sampler.guidance=4.5)")
 
     def active(self, state: DenoiseState) -> bool:
         """Whether the edit applies to the text_fusion call happening now."""
@@ -80,12 +95,39 @@ class NoIntervention(Intervention):
         return True
 
 
+def rekeyed(error: ConfigError, key: str) -> ConfigError:
+    """`error` with `intervention[.X]` rewritten to `key[.X]` (in its key and in the text), so an entry of the
+    `interventions` list is named by its real key `interventions[i].X`."""
+    if key == "intervention" or not re.match(r"intervention(\.|$)", error.key):
+        return error
+    def sub(text: str) -> str:
+        return re.sub(r"(?<![\w.])intervention(?=\.\w)", key, text)
+    return ConfigError(key + error.key[len("intervention"):], sub(error.problem), sub(error.fix))
+
+
+@contextmanager
+def keyed(key: str) -> Iterator[None]:
+    """Re-raise any ConfigError of the body under `key` (see `rekeyed`)."""
+    try:
+        yield
+    except ConfigError as e:
+        raise rekeyed(e, key) from None
+
+
+def validate_all(interventions: list[Intervention], ctx: InterventionContext) -> None:
+    """`validate` each intervention, its errors named by the config key it came from."""
+    for intervention in interventions:
+        with keyed(intervention.config_key):
+            intervention.validate(ctx)
+
+
 @contextmanager
 def applied(interventions: list[Intervention], ctx: InterventionContext) -> Iterator[None]:
     """Attach every intervention in order; detach in reverse order, whatever happens inside."""
     with ExitStack() as stack:
         for intervention in interventions:
-            stack.enter_context(intervention.attach(ctx))
+            with keyed(intervention.config_key):
+                stack.enter_context(intervention.attach(ctx))
         yield
 
 

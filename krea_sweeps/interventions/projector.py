@@ -5,7 +5,10 @@ The model card's semantics: gains g (one per slot), strength s, effective weight
 g = e_k keep the learned w_k and zero the other 11 (a "solo" probe). The same multiplier can act at other sites, which
 give *different* outputs, so the site is always recorded:
 - `projector`: a forward hook returns `F.linear(x, w')` — bit-identical to replacing the weight, but computed at call
-  time, so it can be gated to the positive CFG branch and a step window, and nothing is ever written to the weight;
+  time, so it can be gated to the positive CFG branch and a step window, and nothing is ever written to the weight.
+  Several projector edits compose in list order on the weight, w' = f_n(…f_1(w)) (rebalance g then h = rebalance
+  g ⊙ h; solo then lora_file = w_k·e_k + s·diff), through one shared hook; `renorm: rms` rescales the composed
+  output to the stock output's RMS;
 - `slots`: the projector's inputs are scaled (equal to `projector` up to float rounding — a check, not a new lever);
 - `taps`: the encoder states entering text_fusion are scaled (solo = zero the other taps' inputs);
 - `fusion_attention` (0/1 multipliers only): keys with multiplier 0 are hidden in the layerwise attention.
@@ -14,6 +17,7 @@ give *different* outputs, so the site is always recorded:
 from __future__ import annotations
 
 import json
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,18 +115,49 @@ class LayerGains(Intervention):
             yield
 
 
+class _ProjectorChain:
+    """The one forward hook on a projector module, shared by every projector-site edit attached to it: the output is
+    `F.linear(x, f_n(…f_1(w)))` over the active edits in attach (= list) order. One hook, not one per edit, so edits
+    compose (each hook returning its own `F.linear(x, f_i(w))` would discard the earlier ones) while a single edit
+    stays bit-identical to replacing the weight. With any active `renorm`, the composed output is rescaled per token
+    to the RMS of the stock output (stock weight, same input)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.entries: list[tuple] = []  # (intervention, state, weight_fn, renorm)
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        active = [e for e in self.entries if e[0].active(e[1])]
+        if not active:
+            return None
+        weight = module.weight
+        for _, _, weight_fn, _ in active:
+            weight = weight_fn(weight)
+        edited = F.linear(args[0], weight, module.bias)
+        return rms_like(edited, output, dim=-2) if any(e[3] for e in active) else edited
+
+
+_CHAINS: "weakref.WeakKeyDictionary[torch.nn.Module, _ProjectorChain]" = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def projector_hook(intervention: Intervention, ctx: InterventionContext, weight_fn, renorm: bool = False):
-    """Forward hook on the projector: when active, its output is `F.linear(x, weight_fn(w))` (optionally rescaled
-    per token to the stock output's RMS). Nothing is written to the parameter."""
-    def hook(module, args, output):
-        if not intervention.active(ctx.state):
-            return None
-        edited = F.linear(args[0], weight_fn(module.weight), module.bias)
-        return rms_like(edited, output, dim=-2) if renorm else edited
-
-    with hooked(projector(ctx), hook):
+    """Join the projector's edit chain while attached: when active, `weight_fn` maps the weight so far (stock, or
+    the earlier edits' result) to the next one. Nothing is written to the parameter; the hook goes with the last
+    edit."""
+    module = projector(ctx)
+    chain = _CHAINS.get(module)
+    if chain is None:
+        chain = _CHAINS[module] = _ProjectorChain(module)
+    entry = (intervention, ctx.state, weight_fn, renorm)
+    chain.entries.append(entry)
+    try:
         yield
+    finally:
+        chain.entries = [e for e in chain.entries if e is not entry]
+        if not chain.entries:
+            chain.handle.remove()
+            _CHAINS.pop(module, None)
 
 
 @dataclass

@@ -131,6 +131,20 @@ class Steer(Intervention):
     def is_identity(self) -> bool:
         return self.mode in ("amplify", "add", "subtract") and self.strength == 0.0
 
+    def expected_shape(self, text_dim: int) -> list[int]:
+        return [text_dim] if self.site == "fused" else [NUM_SLOTS, text_dim]
+
+    def validate(self, ctx: InterventionContext) -> None:
+        """A direction file must match the model's encoder width D (from its config): checked here, before any
+        load, rather than in the forward hook minutes later."""
+        super().validate(ctx)
+        if self.direction_file is not None and ctx.text_dim is not None:
+            expected = self.expected_shape(ctx.text_dim)
+            require(list(self._direction.shape) == expected, "intervention.direction_file",
+                    f"direction of shape {list(self._direction.shape)} at site={self.site}, but this model's "
+                    f"states there are {expected} (text_hidden_dim {ctx.text_dim})",
+                    f"give a direction of shape {expected} computed on this model")
+
     def direction(self, ctx: InterventionContext) -> torch.Tensor:
         """The raw direction d ([12, D] or [D]); from the pairs at first call (which also sets `consistency`)."""
         if self._direction is None:

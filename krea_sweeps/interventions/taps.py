@@ -8,6 +8,7 @@ through the text path as attached so far.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
@@ -27,6 +28,12 @@ DEFAULT_REFERENCE_PROMPTS = [
     "a painting of a landscape",
     "a close-up of an object on a table",
 ]
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A 63-bit generator seed for (ablate seed, token rank), stable across processes and platforms."""
+    digest = hashlib.sha256(f"krea_sweeps.ablate.noise:{seed}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass
@@ -79,7 +86,8 @@ class TapScale(Intervention):
 class Ablate(Intervention):
     """Replace the `targets` (slots `3` or layers `L20`) at `site` (taps | slots) with:
     zero; the mean over the valid tokens of `reference_prompts`; the states of `source_prompt` (resample, aligned by
-    token rank: content to content, suffix to suffix); or Gaussian noise with each token's norm (seeded)."""
+    token rank: content to content, suffix to suffix); or Gaussian noise with each token's norm (seeded per valid-token
+    rank, so the same prompt gets the same noise at any padding or batch size)."""
 
     site: str = "taps"
     mode: str = "zero"
@@ -100,8 +108,9 @@ class Ablate(Intervention):
             require(len(self.reference_prompts or []) > 0, "intervention.reference_prompts", "no reference prompts",
                     "give prompts whose mean state replaces the targets")
             self.reference_prompts = [str(p) for p in self.reference_prompts]
-        require(isinstance(self.seed, int), "intervention.seed", f"{self.seed!r} is not an integer", "give an int")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "intervention.seed", f"{self.seed!r} is not an integer", "give an int")
         self._reference: torch.Tensor | None = None
+        self._noise: dict[tuple, torch.Tensor] = {}
 
     @property
     def is_identity(self) -> bool:
@@ -124,7 +133,7 @@ class Ablate(Intervention):
             m = enc.mask.to(states.dtype)[..., None, None]
             self._reference = (states * m).sum((0, 1)) / m.sum((0, 1)).clamp_min(1.0)
         else:
-            content = content_mask(enc.mask)[0]
+            content = enc.content[0]
             self._reference = (states[0, content], states[0, enc.mask[0] & ~content])
         return self._reference
 
@@ -153,11 +162,33 @@ class Ablate(Intervention):
             return ref[t].to(device=x.device, dtype=x.dtype).expand_as(x[..., t, :])
         if self.mode == "resample":
             return self.resampled(x, mask, ref)
-        target = x[..., t, :]
-        gen = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(target.shape, generator=gen, dtype=torch.float32).to(device=x.device)
-        scale = target.float().norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return (noise * scale).to(x.dtype)
+        return self.noised(x, mask)
+
+    def noise_rows(self, n: int, dim: int, device) -> torch.Tensor:
+        """[n, 12, D] float32 Gaussian noise, row r drawn from its own generator seeded by (seed, r): a token's noise
+        depends only on its rank among the prompt's valid tokens — not on padding, batch size or batch position — so
+        the eager, trimmed and batched paths ablate with the same noise. Cached per (D, device), grown on demand."""
+        key = (dim, str(device))
+        have = self._noise.get(key, torch.zeros((0, NUM_SLOTS, dim), device=device))
+        if have.shape[0] < n:
+            rows = [torch.randn((NUM_SLOTS, dim), dtype=torch.float32,
+                                generator=torch.Generator().manual_seed(_rank_seed(self.seed, r)))
+                    for r in range(have.shape[0], n)]
+            have = self._noise[key] = torch.cat([have, torch.stack(rows).to(device)])
+        return have[:n]
+
+    def noised(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mode noise: each valid token's targets become its rank's noise, rescaled to the target's own norm (per
+        tap); padded positions keep their states (masked keys, never read)."""
+        out = x[..., self.targets, :].clone()
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device)
+        for b in range(x.shape[0]):
+            where = valid[b]
+            target = out[b, where].float()  # [n, k, D]
+            noise = self.noise_rows(target.shape[0], x.shape[-1], x.device)[:, self.targets]
+            scale = target.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            out[b, where] = (noise * scale).to(x.dtype)
+        return out
 
     def ablated(self, states: torch.Tensor, ref, mask: torch.Tensor | None) -> torch.Tensor:
         x = self._slot_axis_last(states)
@@ -186,7 +217,7 @@ class Ablate(Intervention):
             return replace_first_arg(args, self.ablated(args[0], ref, seen["mask"]))
 
         with ExitStack() as stack:
-            if self.site == "taps" or self.mode == "resample":
+            if self.site == "taps" or self.mode in ("resample", "noise"):  # resample and noise need the mask
                 stack.enter_context(hooked(text_fusion(ctx), at_taps, pre=True, with_kwargs=True))
             if self.site == "slots":
                 stack.enter_context(hooked(projector(ctx), at_slots, pre=True))
