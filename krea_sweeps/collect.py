@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from .interventions.sites import NUM_SLOTS
+from .synthetic import SELECT_LAYERS
+
 log = logging.getLogger("krea_sweeps.collect")
 
-NUM_SLOTS = 12
-SELECT_LAYERS = [2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35]
 ID_COLUMNS = ["sweep", "job", "status", "label", "prompt_idx", "prompt", "seed", "image", "error"]
 SLOT_KINDS = ("solo", "leave_one_out")
 
@@ -434,7 +435,8 @@ def stock_images(job: JobRecord, sweep_dir: Path) -> dict[int, np.ndarray]:
     fake = SimpleNamespace(variant=variant, sampler=SimpleNamespace(identity=lambda: sampler))
     out = {}
     for p, prompt in enumerate(job.prompts):
-        file = sweep_dir / "_baselines" / f"{baseline_key(fake, prompt, job.seeds[0])}.npy"
+        key = baseline_key(fake, prompt, job.seeds[0], bool(job.record.get("compiled_blocks")))  # as the job made it
+        file = sweep_dir / "_baselines" / f"{key}.npy"
         if file.exists():
             out[p] = np.load(file)
     return out

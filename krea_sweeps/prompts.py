@@ -6,7 +6,9 @@ only real tokens (broadcast over the 3 mRoPE axes), the 12 tapped hidden states 
 length is measured with the tokenizer (34 for Qwen's) rather than trusted.
 
 A prompt that starts with `<|im_start|>` takes the raw chat-template route: it is tokenized verbatim and cut at the
-user turn (Krea 2 discards the system turn), so `<think>` blocks in the assistant turn reach the DiT.
+user turn (Krea 2 discards the system turn), so `<think>` blocks in the assistant turn reach the DiT. Its tail (from
+the user turn's `<|im_end|>` on) replaces the suffix and is longer than 5 tokens, so each encoding carries its rows'
+tail lengths (`Encoded.num_suffix`): the content tokens are the user text alone on both routes (`content_mask`).
 
 Encoded taps are cached in memory and on disk (safetensors keyed by encoder identity + template + prompt + length):
 each prompt is encoded once per sweep, not once per job.
@@ -32,6 +34,11 @@ TEMPLATE_PREFIX = (
     "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
 )
 TEMPLATE_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+# Tokens of TEMPLATE_SUFFIX with Qwen's tokenizer (<|im_end|>, \n, <|im_start|>, assistant, \n): the tail length of an
+# encoding made without a tokenizer at hand (e.g. `Encoded(taps, mask)` built by hand for the standard template).
+STANDARD_SUFFIX_TOKENS = 5
+# Bump when what the encode cache stores changes, so older files are re-encoded rather than misread.
+ENCODE_CACHE_FORMAT = 2
 USER_TURN = "<|im_start|>user\n"
 RAW_ROUTE_MARK = "<|im_start|>"
 
@@ -78,22 +85,42 @@ class PromptFile(PromptSet):
 # ------------------------------------------------------------------------------------------------------ encoding
 @dataclass
 class Encoded:
-    """Tapped hidden states [B, T, 12, D] and the valid-token mask [B, T] of a batch of prompts (prefix dropped)."""
+    """Tapped hidden states [B, T, 12, D] and the valid-token mask [B, T] of a batch of prompts (prefix dropped), with
+    each row's tail length `num_suffix` [B] (the template suffix, or a raw prompt's assistant turn): the content
+    tokens cannot be read off the mask alone, because a raw chat-template tail is longer than the standard 5.
+    `num_suffix=None` means the standard template's suffix for every row."""
 
     taps: torch.Tensor
     mask: torch.Tensor
+    num_suffix: torch.Tensor | None = None
+
+    def __post_init__(self):
+        rows = self.mask.shape[0]
+        if self.num_suffix is None:
+            self.num_suffix = torch.full((rows,), STANDARD_SUFFIX_TOKENS, dtype=torch.long)
+        self.num_suffix = torch.as_tensor(self.num_suffix, dtype=torch.long).reshape(-1).cpu()
+        if self.num_suffix.numel() == 1 and rows != 1:
+            self.num_suffix = self.num_suffix.expand(rows).clone()
+        if self.num_suffix.shape != (rows,):
+            raise ValueError(f"num_suffix has shape {tuple(self.num_suffix.shape)} for {rows} rows")
 
     def index(self, i: int) -> "Encoded":
-        return Encoded(self.taps[i : i + 1], self.mask[i : i + 1])
+        return Encoded(self.taps[i : i + 1], self.mask[i : i + 1], self.num_suffix[i : i + 1])
+
+    @property
+    def content(self) -> torch.Tensor:
+        """[B, T] bool: the content tokens of each row (`content_mask`)."""
+        return content_mask(self.mask, self.num_suffix)
+
+    @staticmethod
+    def cat(parts: list["Encoded"]) -> "Encoded":
+        return Encoded(torch.cat([e.taps for e in parts]), torch.cat([e.mask for e in parts]),
+                       torch.cat([e.num_suffix for e in parts]))
 
 
 def prefix_length(tokenizer) -> int:
     """Token count of the template prefix (34 with Qwen's tokenizer; the pipeline hard-codes it)."""
     return len(tokenizer(TEMPLATE_PREFIX).input_ids)
-
-
-def suffix_length(tokenizer) -> int:
-    return len(tokenizer(TEMPLATE_SUFFIX).input_ids)
 
 
 def is_raw_route(prompt: str) -> bool:
@@ -117,15 +144,35 @@ def split_raw_chat(prompt: str) -> tuple[str, str]:
     return body[:end], body[end:]
 
 
-def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Input ids and mask in Krea 2's layout `[prefix | prompt | PAD | suffix]`, and the prefix length to drop."""
-    prefix_idx = prefix_length(tokenizer)
-    ids, masks = [], []
+def body_and_tail(prompt: str) -> tuple[str, str]:
+    """(the text padded like a prompt, the tail placed after the padding): the standard suffix, or a raw prompt's."""
+    return split_raw_chat(prompt) if is_raw_route(prompt) else (prompt, TEMPLATE_SUFFIX)
+
+
+def suffix_tokens(tokenizer, prompts: list[str], max_sequence_length: int | None = None) -> torch.Tensor:
+    """[B] token count of each prompt's tail (5 for the standard suffix; more for a raw prompt's assistant turn).
+    With `max_sequence_length`, a tail that leaves no room for the prompt is a config error."""
+    counts = []
     for prompt in prompts:
-        body, suffix = split_raw_chat(prompt) if is_raw_route(prompt) else (prompt, TEMPLATE_SUFFIX)
-        n_suffix = len(tokenizer(suffix).input_ids)
+        n = len(tokenizer(body_and_tail(prompt)[1]).input_ids)
+        if max_sequence_length is not None:
+            require(n < max_sequence_length, "sampler.max_sequence_length",
+                    f"the raw prompt's tail after the user turn is {n} tokens, leaving no room for the prompt in "
+                    f"{max_sequence_length}: {prompt[:60]!r}", f"raise sampler.max_sequence_length above {n}")
+        counts.append(n)
+    return torch.tensor(counts, dtype=torch.long)
+
+
+def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Input ids and mask in Krea 2's layout `[prefix | prompt | PAD | tail]`, and the prefix length to drop. Row i's
+    tail is `suffix_tokens(...)[i]` tokens long; the prompt is truncated so the tail always fits."""
+    prefix_idx = prefix_length(tokenizer)
+    n_suffix = suffix_tokens(tokenizer, prompts, max_sequence_length)
+    ids, masks = [], []
+    for prompt, n in zip(prompts, n_suffix.tolist()):
+        body, suffix = body_and_tail(prompt)
         text = tokenizer([TEMPLATE_PREFIX + body], truncation=True, padding="max_length",
-                         max_length=max_sequence_length + prefix_idx - n_suffix, return_tensors="pt")
+                         max_length=max_sequence_length + prefix_idx - n, return_tensors="pt")
         tail = tokenizer([suffix], return_tensors="pt")
         ids.append(torch.cat([text.input_ids, tail.input_ids], dim=1))
         masks.append(torch.cat([text.attention_mask, tail.attention_mask], dim=1).bool())
@@ -144,15 +191,18 @@ def encode(tokenizer, text_encoder, prompts: list[str], max_sequence_length: int
     outputs = text_encoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            output_hidden_states=True)
     taps = torch.stack([outputs.hidden_states[i] for i in select_layers], dim=2)
-    return Encoded(taps[:, prefix_idx:], attention_mask[:, prefix_idx:])
+    return Encoded(taps[:, prefix_idx:], attention_mask[:, prefix_idx:],
+                   suffix_tokens(tokenizer, prompts, max_sequence_length))
 
 
-def content_mask(mask: torch.Tensor, tokenizer=None, num_suffix: int = 5) -> torch.Tensor:
-    """Content tokens: valid tokens after the prefix drop, minus the trailing template suffix (the last
-    `num_suffix` valid tokens). This is what the attention metrics average over."""
+def content_mask(mask: torch.Tensor, num_suffix: int | torch.Tensor = STANDARD_SUFFIX_TOKENS) -> torch.Tensor:
+    """Content tokens [B, T]: the valid tokens minus each row's last `num_suffix` valid ones (its tail: the template
+    suffix, or a raw prompt's assistant turn), i.e. the user text alone. `num_suffix` is an int or a [B] tensor
+    (`Encoded.num_suffix`); counting valid tokens rather than positions keeps it right with or without padding."""
     valid_counts = mask.long().cumsum(-1)
     total = mask.long().sum(-1, keepdim=True)
-    return mask & (valid_counts <= (total - num_suffix))
+    tail = torch.as_tensor(num_suffix, dtype=torch.long, device=mask.device).reshape(-1, 1)
+    return mask.bool() & (valid_counts <= (total - tail))
 
 
 class EncodeCache:
@@ -166,7 +216,7 @@ class EncodeCache:
     @staticmethod
     def key(identity: dict, prompt: str, max_sequence_length: int) -> str:
         blob = json.dumps({"enc": identity, "prefix": TEMPLATE_PREFIX, "suffix": TEMPLATE_SUFFIX, "prompt": prompt,
-                           "len": max_sequence_length}, sort_keys=True)
+                           "len": max_sequence_length, "format": ENCODE_CACHE_FORMAT}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def get(self, model, prompts: list[str], max_sequence_length: int) -> Encoded:
@@ -182,7 +232,7 @@ class EncodeCache:
                 file = self.folder / f"{k}.safetensors" if self.folder else None
                 if file is not None and file.exists():
                     t = load_file(str(file), device=str(model.device))
-                    self.memory[k] = Encoded(t["taps"], t["mask"])
+                    self.memory[k] = Encoded(t["taps"], t["mask"], t["num_suffix"])
                     self.hits += 1
                 else:
                     self.misses += 1
@@ -192,12 +242,13 @@ class EncodeCache:
                     if file is not None:
                         file.parent.mkdir(parents=True, exist_ok=True)
                         tmp = file.with_suffix(f".tmp{os.getpid()}")
-                        save_file({"taps": enc.taps.contiguous().cpu(), "mask": enc.mask.cpu()}, str(tmp))
+                        save_file({"taps": enc.taps.contiguous().cpu(), "mask": enc.mask.cpu(),
+                                   "num_suffix": enc.num_suffix.cpu()}, str(tmp))
                         tmp.replace(file)
             else:
                 self.hits += 1
             out.append(self.memory[k])
-        return Encoded(torch.cat([e.taps for e in out]), torch.cat([e.mask for e in out]))
+        return Encoded.cat(out)
 
 
 _ENCODE_CACHES: dict[str, EncodeCache] = {}

@@ -126,20 +126,28 @@ def check_job(cfg: DictConfig, optuna: bool = False) -> None:
 
 
 def check_objective(job) -> None:
-    """The objective's metric (`<metric>/<stat>`) must be one the job computes; the stat is checked against a
-    metric's declared `summary_keys` when it declares them (else after the first job, by the runner)."""
+    """The objective (`<metric>/<stat>`) must be a summary key the job will report: its metric selected, its stat one
+    the metric declares (`Metric.summary_keys`), so a typo stops the run before the first job instead of after it."""
     if not job.objective:
         return
+    from difflib import get_close_matches
+
+    from .metrics.base import key_matches
+
+    objective = str(job.objective)
     names = {m.name: m for m in job.metrics}
-    metric = str(job.objective).split("/", 1)[0]
-    require(metric in names, "objective", f"{job.objective!r}: no selected metric provides it "
+    metric = objective.split("/", 1)[0]
+    require(metric in names, "objective", f"{objective!r}: no selected metric provides it "
             f"(metrics: {', '.join(sorted(names))})",
             f"add the metric (metrics=[{','.join(sorted(set(names) | {metric}))}]) or name a key of a selected metric")
-    declared = getattr(names[metric], "summary_keys", None)
-    declared = declared() if callable(declared) else declared
-    if declared:
-        require(job.objective in set(declared), "objective", f"{job.objective!r} is not a key of `{metric}`",
-                f"use one of: {', '.join(sorted(declared))}")
+    declared = names[metric].summary_keys(job)
+    if declared is None or any(key_matches(k, objective) for k in declared):
+        return  # an undeclared metric's keys are checked after its first job (runner.objective_of)
+    close = get_close_matches(objective, declared, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError("objective", f"{objective!r} is not a key of `{metric}`"
+                      + ("" if declared else " (it reports none with this config)"),
+                      f"{hint}keys: {', '.join(declared) or '(none)'}")
 
 
 def _values(override) -> list[str]:

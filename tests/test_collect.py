@@ -125,3 +125,15 @@ def test_wandb_summary_run_in_the_sweeps_group(sweep, monkeypatch):
     assert run["run"]["group"] == "known" and run["run"]["job_type"] == "collect"
     assert run["summary"]["jobs/done"] == 2 and run["summary"]["jobs/failed"] == 1
     assert any(k.startswith("results") for k in run["history_keys"]) and run["exit_code"] == 0
+
+
+def test_slot_labels_come_from_the_model_definition():
+    """collect labels slots with the package's own layer list, not a private copy that could drift from it."""
+    from krea_sweeps import collect as collect_module
+    from krea_sweeps.interventions.sites import NUM_SLOTS
+    from krea_sweeps.synthetic import SELECT_LAYERS
+
+    import inspect
+
+    assert collect_module.SELECT_LAYERS is SELECT_LAYERS and collect_module.NUM_SLOTS == NUM_SLOTS
+    assert "NUM_SLOTS =" not in inspect.getsource(collect_module)  # an int `is` itself anyway: no re-declaration

@@ -16,7 +16,7 @@ from krea_sweeps.errors import ConfigError
 from krea_sweeps.metrics.attention import (attention_probabilities, average_layer_stats, layer_attention_stats,
                                            probed, token_attention_stats)
 from krea_sweeps.metrics.image import ClipScore, Diversity, image_statistics, rgb_rms
-from krea_sweeps.prompts import content_mask, encode
+from krea_sweeps.prompts import encode
 
 SEQ = 48  # tokens after the prefix drop: plenty for the test prompts, fast on CPU
 PROMPTS = ["A red fox sitting in fresh snow.", "A lighthouse on a rocky coast at dusk, long exposure."]
@@ -128,14 +128,70 @@ def test_all_masked_rows_are_zero_not_nan():
 
 def test_content_tokens_follow_template_arithmetic(turbo, encoded):
     tok = turbo.tokenizer
+    assert encoded.num_suffix.tolist() == [5, 5]
     for i, prompt in enumerate(PROMPTS):
         n = len(tok(prompt).input_ids)
         assert encoded.mask.shape[1] == SEQ  # prefix (34) dropped: max_sequence_length positions remain
         assert int(encoded.mask[i].sum()) == n + 5  # prompt + 5-token template suffix after the padding
-        content = content_mask(encoded.mask)[i]
+        content = encoded.content[i]
         assert int(content.sum()) == n and bool(content[:n].all())  # the prompt's tokens, at the front
     long = encode(tok, turbo.text_encoder, ["word " * 40], 16, tuple(turbo.variant.select_layers))
-    assert int(long.mask.sum()) == 16 and int(content_mask(long.mask).sum()) == 16 - 5  # truncated prompt
+    assert int(long.mask.sum()) == 16 and int(long.content.sum()) == 16 - 5  # truncated prompt
+
+
+THINK = ("<|im_start|>system\nignored<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+         "<think>\nOrange fur against white snow, low winter sun.\n</think>\n")
+
+
+def test_raw_route_content_tokens_are_the_user_text_alone(turbo):
+    """A `<think>` prompt's tail is far longer than the 5-token suffix: its content tokens must still be exactly the
+    user text, so think_vs_plain compares the same tokens — the encoder is causal, so they are the same states."""
+    layers = tuple(turbo.variant.select_layers)
+    think = encode(turbo.tokenizer, turbo.text_encoder, [THINK.format(PROMPTS[0]), PROMPTS[1]], SEQ, layers)
+    plain = encode(turbo.tokenizer, turbo.text_encoder, PROMPTS, SEQ, layers)
+    n = len(turbo.tokenizer(PROMPTS[0]).input_ids)
+    tail = len(turbo.tokenizer(THINK.format(PROMPTS[0]).split("user\n", 1)[1][len(PROMPTS[0]):]).input_ids)
+    assert think.num_suffix.tolist() == [tail, 5] and tail > 5
+    assert int(think.mask[0].sum()) == n + tail and int(think.content[0].sum()) == n
+    for i in range(2):
+        assert torch.allclose(think.taps[i][think.content[i]], plain.taps[i][plain.content[i]], atol=1e-5)
+    # the fast path drops the pad columns: the same content tokens must survive, row by row
+    from krea_sweeps.sampler import trim_padding
+
+    trimmed = trim_padding(think)
+    assert trimmed.mask.shape[1] < SEQ and torch.equal(trimmed.num_suffix, think.num_suffix)
+    for i in range(2):
+        assert torch.equal(trimmed.taps[i][trimmed.content[i]], think.taps[i][think.content[i]])
+        alone = trim_padding(think.index(i))  # one prompt: no pads left at all, the mask is all True
+        assert bool(alone.mask.all()) and torch.equal(alone.taps[0][alone.content[0]], think.taps[i][think.content[i]])
+    with pytest.raises(ConfigError, match="sampler.max_sequence_length"):  # a tail that leaves no room
+        encode(turbo.tokenizer, turbo.text_encoder, [THINK.format("a fox")], 8, layers)
+
+
+def test_encode_cache_keeps_each_rows_tail_length_on_disk(turbo, tmp_path):
+    from krea_sweeps.prompts import EncodeCache
+
+    prompts = [THINK.format(PROMPTS[0]), PROMPTS[0]]
+    first = EncodeCache(tmp_path).get(turbo, prompts, SEQ)
+    again = EncodeCache(tmp_path)  # a fresh process's cache: everything read back from the safetensors files
+    loaded = again.get(turbo, prompts, SEQ)
+    assert again.hits == 2 and again.misses == 0
+    assert torch.equal(loaded.num_suffix, first.num_suffix) and loaded.num_suffix[0] > 5
+    assert torch.equal(loaded.content, first.content)
+    assert torch.equal(loaded.index(0).content[0], first.content[0])
+
+
+def test_think_and_plain_metrics_average_the_same_tokens(job_ctx):
+    """tap_norms and fusion_attention over a `<think>` prompt's content tokens = over the same prompt without it."""
+    from krea_sweeps.metrics.conditioning import FusionAttention, TapNorms
+
+    think = job_ctx("prompts=think", "metrics=[tap_norms]")
+    plain = job_ctx("prompts=think_plain", "metrics=[tap_norms]")
+    n = [len(plain.model.tokenizer(p).input_ids) for p in plain.job.prompts]
+    a, b = TapNorms().compute(think), TapNorms().compute(plain)
+    assert a.summary == pytest.approx(b.summary, rel=1e-5)
+    fa = FusionAttention(save_probs=False).compute(think)
+    assert [r["content_tokens"] for r in fa.rows] == n
 
 
 # ------------------------------------------------------------------------------------ aggregates, known answers
@@ -347,6 +403,37 @@ def test_clip_score_with_a_local_clip_model(tmp_path):
     assert out.summary["clip_score/score"] == pytest.approx(np.mean([r["clip_score"] for r in out.rows]))
     assert metric.compute(SimpleNamespace(images=images, prompts=["a red fox", "a lighthouse on a coast"])).rows \
         == out.rows  # deterministic
+
+
+# ------------------------------------------------------------------------------------ declared summary keys
+def assert_declares_exactly(metric, job, summary: dict) -> None:
+    """Each reported key is declared and each declared key reported: what `objective` is checked against up front."""
+    from krea_sweeps.metrics.base import key_matches
+
+    declared = metric.summary_keys(job)
+    assert declared is not None, f"{metric.name} declares no summary keys"
+    assert [k for k in summary if not any(key_matches(d, k) for d in declared)] == [], metric.name
+    assert [d for d in declared if not any(key_matches(d, k) for k in summary)] == [], metric.name
+
+
+def test_every_metric_declares_exactly_the_keys_it_reports(job_ctx):
+    from pathlib import Path
+
+    metric_names = sorted(f.stem for f in (Path(__file__).parents[1] / "conf" / "metrics").glob("*.yaml"))
+    conditioning = ["projector", "fusion_attention", "refiner_attention", "cond_shift", "slot_contribution",
+                    "tap_norms"]
+    ctx = job_ctx(f"metrics=[{','.join(conditioning)}]", "metrics.projector.reference=raw", "intervention=solo",
+                  "intervention.slot=6")
+    for metric in ctx.job.metrics:
+        assert_declares_exactly(metric, ctx.job, metric.compute(ctx).summary)
+    image = job_ctx("metrics=[image_stats,image_distance,diversity,clip_score]", "seeds=[0,1]")
+    rng = np.random.default_rng(0)
+    image.images = {(p, s): rng.random((8, 8, 3)) for p in range(len(image.job.prompts)) for s in (0, 1)}
+    image.baseline_images = {k: rng.random((8, 8, 3)) for k in image.images}
+    for metric in image.job.metrics:  # clip_score without a path: skipped, and declares no keys
+        assert_declares_exactly(metric, image.job, metric.compute(image).summary)
+    assert sorted(m.name for m in ctx.job.metrics + image.job.metrics) == metric_names  # every metric covered
+    assert ClipScore(path="somewhere").summary_keys(image.job) == ["clip_score/score"]
 
 
 # ------------------------------------------------------------------------------------ bad input

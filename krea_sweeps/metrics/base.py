@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import ConfigError
+
+# In a declared summary key, stands for a block index (`fusion_attention/block<i>/hub_layer`): how many blocks a
+# checkpoint has is known only once it is loaded, and keys are checked before that.
+BLOCK_INDEX = "<i>"
 
 # What a metric can need. `images` implies transformer + vae + generation; `baseline` implies stock images too.
 NEEDS = frozenset({"text_encoder", "text_path", "transformer", "vae", "images", "baseline"})
@@ -39,8 +44,20 @@ class Metric:
                               "configured conditioning-only (conditioning_only=true)",
                               f"drop {self.name} from metrics=[...] or set conditioning_only=false")
 
+    def summary_keys(self, job: Any) -> list[str] | None:
+        """Every summary key `compute` reports for `job` (`BLOCK_INDEX` standing for a block index), known before any
+        model loads, so that a misspelt `objective` stops the sweep before its first job. Built from the same
+        constants `compute` builds its summary from. None: not declared (checked only after the first job)."""
+        return None
+
     def compute(self, job: Any) -> MetricOutput:
         raise NotImplementedError
+
+
+def key_matches(pattern: str, key: str) -> bool:
+    """Whether `key` is the declared key `pattern` (where `BLOCK_INDEX` matches a block number)."""
+    regex = re.escape(pattern).replace(re.escape(BLOCK_INDEX), r"\d+")
+    return re.fullmatch(regex, key) is not None
 
 
 def needs_of(metrics: list[Metric]) -> frozenset:

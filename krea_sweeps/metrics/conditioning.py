@@ -17,9 +17,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..errors import ConfigError, require
+from ..errors import require
 from .attention import average_layer_stats, layer_attention_stats, token_attention_stats
-from .base import Metric, MetricOutput
+from .base import BLOCK_INDEX, Metric, MetricOutput
 from .trace import text_trace
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,17 @@ VARIANTS = ("raw", "turbo", "turbo_lora")
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
+def labels_of(variant) -> list[str]:
+    """`L<layer>` for each tapped layer of a variant (known before any model load: `summary_keys` uses it too)."""
+    return [f"L{layer}" for layer in variant.select_layers]
+
+
 def layer_labels(ctx) -> list[str]:
-    return [f"L{layer}" for layer in ctx.model.variant.select_layers]
+    return labels_of(ctx.model.variant)
+
+
+def per_layer(prefix: str, stats, labels: list[str]) -> list[str]:
+    return [f"{prefix}/{stat}/{lab}" for stat in stats for lab in labels]
 
 
 def prompt_row(ctx, p: int) -> dict:
@@ -79,20 +88,10 @@ def mean_rows(rows: list[dict], key: str) -> float:
 # ----------------------------------------------------------------------------------------------------- projector
 def read_projector(source: str) -> np.ndarray:
     """The [1, 12] projector weight of a Krea 2 DiT checkpoint (single file or diffusers folder), read alone."""
-    from safetensors import safe_open
+    from ..models import read_projector_weight
 
-    from ..models import text_path_files
-
-    names = ("txtfusion.projector.weight", "text_fusion.projector.weight")
-    for file in text_path_files(source):
-        if not Path(file).exists():
-            continue
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key.replace("model.diffusion_model.", "") in names:
-                    return f.get_tensor(key).double().reshape(-1).numpy()
-    raise ConfigError("metrics.projector.reference_path", f"no projector weight in {source}",
-                      "give a Krea 2 DiT checkpoint (.safetensors) or a diffusers folder")
+    weight, _key = read_projector_weight(source, "metrics.projector.reference_path")
+    return weight.double().reshape(-1).numpy()
 
 
 @dataclass
@@ -104,6 +103,19 @@ class ProjectorWeights(Metric):
 
     reference: str | None = None  # a variant name (raw, turbo, turbo_lora) whose stock projector to compare with
     reference_path: str | None = None  # its checkpoint when the job runs a real model (synthetic: derived)
+
+    PER_LAYER: ClassVar[tuple] = ("stock", "effective", "sign", "effective_sign")
+    SCALARS: ClassVar[tuple] = ("n_positive", "n_negative", "sum", "l1", "effective_cos_vs_stock",
+                                "effective_fit_residual", "sign_changes")
+    REFERENCE_SCALARS: ClassVar[tuple] = ("cos_vs_reference", "effective_cos_vs_reference",
+                                          "max_abs_diff_vs_reference")
+
+    def summary_keys(self, job) -> list[str]:
+        labels = labels_of(job.variant)
+        keys = per_layer(self.name, self.PER_LAYER, labels) + [f"{self.name}/{k}" for k in self.SCALARS]
+        if self.reference is not None:
+            keys += per_layer(self.name, ("reference",), labels) + [f"{self.name}/{k}" for k in self.REFERENCE_SCALARS]
+        return keys
 
     def validate(self, job) -> None:
         super().validate(job)
@@ -140,19 +152,17 @@ class ProjectorWeights(Metric):
         for p, (s, t) in enumerate(zip(stock_trace.prompts, trace.prompts)):
             w_p, r_p = effective_weights(s.slots, t.projected, t.weight)
             rows.append({**prompt_row(ctx, p), "effective_cos_vs_stock": _cos(w_p, stock), "fit_residual": r_p})
-        summary = {}
-        for i, lab in enumerate(labels):
-            summary[f"projector/stock/{lab}"] = float(stock[i])
-            summary[f"projector/effective/{lab}"] = float(effective[i])
-            summary[f"projector/sign/{lab}"] = float(np.sign(stock[i]))
-            summary[f"projector/effective_sign/{lab}"] = float(np.sign(_snap(effective)[i]))
-        summary |= {
-            "projector/n_positive": int((stock > 0).sum()), "projector/n_negative": int((stock < 0).sum()),
-            "projector/sum": float(stock.sum()), "projector/l1": float(np.abs(stock).sum()),
-            "projector/effective_cos_vs_stock": _cos(effective, stock),
-            "projector/effective_fit_residual": residual,
-            "projector/sign_changes": int((np.sign(_snap(effective)) != np.sign(stock)).sum()),
+        vectors = {"stock": stock, "effective": effective, "sign": np.sign(stock),
+                   "effective_sign": np.sign(_snap(effective))}
+        scalars = {
+            "n_positive": int((stock > 0).sum()), "n_negative": int((stock < 0).sum()),
+            "sum": float(stock.sum()), "l1": float(np.abs(stock).sum()),
+            "effective_cos_vs_stock": _cos(effective, stock), "effective_fit_residual": residual,
+            "sign_changes": int((np.sign(_snap(effective)) != np.sign(stock)).sum()),
         }
+        summary = {f"{self.name}/{stat}/{lab}": float(vectors[stat][i])
+                   for stat in self.PER_LAYER for i, lab in enumerate(labels)}
+        summary |= {f"{self.name}/{k}": scalars[k] for k in self.SCALARS}
         arrays = {"stock": stock, "effective": effective}
         series = {"stock": stock, "effective": effective}
         if self.reference is not None:
@@ -160,10 +170,10 @@ class ProjectorWeights(Metric):
             require(ref.shape == stock.shape, "metrics.projector.reference", f"reference has {ref.size} weights, "
                     f"the job's model {stock.size}", "compare variants of the same model")
             for i, lab in enumerate(labels):
-                summary[f"projector/reference/{lab}"] = float(ref[i])
-            summary["projector/cos_vs_reference"] = _cos(stock, ref)
-            summary["projector/effective_cos_vs_reference"] = _cos(effective, ref)
-            summary["projector/max_abs_diff_vs_reference"] = float(np.abs(stock - ref).max())
+                summary[f"{self.name}/reference/{lab}"] = float(ref[i])
+            versus = {"cos_vs_reference": _cos(stock, ref), "effective_cos_vs_reference": _cos(effective, ref),
+                      "max_abs_diff_vs_reference": float(np.abs(stock - ref).max())}
+            summary |= {f"{self.name}/{k}": versus[k] for k in self.REFERENCE_SCALARS}
             arrays["reference"] = ref
             series[f"reference ({self.reference})"] = ref
         from .figures import bars
@@ -194,6 +204,16 @@ class FusionAttention(Metric):
 
     save_probs: bool = True  # the full [content tokens, heads, 12, 12] per block, all prompts concatenated
 
+    PER_LAYER: ClassVar[tuple] = ("strength", "top_key_share")  # per block
+    BLOCK_STATS: ClassVar[tuple] = ("hub_layer", "hub_strength", "hub_ratio", "hub_top_key_share", "entropy",
+                                    "entropy_norm", "head_hub_agreement")
+    SCALARS: ClassVar[tuple] = ("content_tokens",)
+
+    def summary_keys(self, job) -> list[str]:
+        block = f"{self.name}/block{BLOCK_INDEX}"
+        return ([f"{self.name}/{k}" for k in self.SCALARS] + per_layer(block, self.PER_LAYER, labels_of(job.variant))
+                + [f"{block}/{k}" for k in self.BLOCK_STATS])
+
     def compute(self, ctx) -> MetricOutput:
         from .figures import heatmap, heatmap_grid
 
@@ -201,7 +221,7 @@ class FusionAttention(Metric):
         trace = text_trace(ctx, intervened=True, parts={"fusion_attention"})
         n_blocks = len(trace.prompts[0].fusion_attention)
         rows = [{**prompt_row(ctx, p), "content_tokens": int(t.content.sum())} for p, t in enumerate(trace.prompts)]
-        summary = {"fusion_attention/content_tokens": mean_rows(rows, "content_tokens")}
+        summary = {f"{self.name}/{k}": mean_rows(rows, k) for k in self.SCALARS}
         arrays, images = {}, {}
         for b in range(n_blocks):
             per_prompt = [layer_attention_stats(t.fusion_attention[b]) for t in trace.prompts]
@@ -210,17 +230,17 @@ class FusionAttention(Metric):
                         f"block{b}/hub_top_key_share": float(s["top_key_share"][s["hub"]]),
                         f"block{b}/entropy_norm": s["entropy_norm"]}
             s = average_layer_stats(per_prompt)
-            key = f"fusion_attention/block{b}"
-            for i, lab in enumerate(labels):
-                summary[f"{key}/strength/{lab}"] = float(s["strength"][i])
-                summary[f"{key}/top_key_share/{lab}"] = float(s["top_key_share"][i])
+            key = f"{self.name}/block{b}"
+            for stat in self.PER_LAYER:
+                for i, lab in enumerate(labels):
+                    summary[f"{key}/{stat}/{lab}"] = float(s[stat][i])
             hub = s["hub"]
-            summary |= {
-                f"{key}/hub_layer": _layer(ctx, hub), f"{key}/hub_strength": float(s["strength"][hub]),
-                f"{key}/hub_ratio": s["hub_ratio"], f"{key}/hub_top_key_share": float(s["top_key_share"][hub]),
-                f"{key}/entropy": s["entropy"], f"{key}/entropy_norm": s["entropy_norm"],
-                f"{key}/head_hub_agreement": s["head_hub_agreement"],
+            block = {
+                "hub_layer": _layer(ctx, hub), "hub_strength": float(s["strength"][hub]), "hub_ratio": s["hub_ratio"],
+                "hub_top_key_share": float(s["top_key_share"][hub]), "entropy": s["entropy"],
+                "entropy_norm": s["entropy_norm"], "head_hub_agreement": s["head_hub_agreement"],
             }
+            summary |= {f"{key}/{k}": block[k] for k in self.BLOCK_STATS}
             for name in ("mean_map", "head_maps", "strength", "top_key_share"):
                 arrays[f"block{b}.{name}"] = s[name].numpy()
             if self.save_probs:
@@ -251,6 +271,13 @@ class RefinerAttention(Metric):
 
     window: int = 8  # ± valid-token ranks counted as "local"
 
+    TOKEN_STATS: ClassVar[tuple] = ("local_share", "local_share_uniform", "received_entropy_norm",
+                                    "top_received_x_uniform")  # from `token_attention_stats`, per prompt
+    BLOCK_STATS: ClassVar[tuple] = TOKEN_STATS + ("top_received_is_suffix",)  # summaries: means over prompts
+
+    def summary_keys(self, job) -> list[str]:
+        return [f"{self.name}/block{BLOCK_INDEX}/{k}" for k in self.BLOCK_STATS]
+
     def validate(self, job) -> None:
         super().validate(job)
         require(isinstance(self.window, int) and self.window >= 0, "metrics.refiner_attention.window",
@@ -263,12 +290,11 @@ class RefinerAttention(Metric):
         n_blocks = len(trace.prompts[0].refiner_attention)
         rows = [prompt_row(ctx, p) for p in range(len(trace.prompts))]
         summary, arrays, images = {}, {}, {}
-        stats_keys = ("local_share", "local_share_uniform", "received_entropy_norm", "top_received_x_uniform")
         for b in range(n_blocks):
             for p, (row, t) in enumerate(zip(rows, trace.prompts)):
                 positions = t.content.nonzero().squeeze(-1)
                 s = token_attention_stats(t.refiner_attention[b], positions, t.mask, self.window)
-                row |= {f"block{b}/{k}": s[k] for k in stats_keys}
+                row |= {f"block{b}/{k}": s[k] for k in self.TOKEN_STATS}
                 row[f"block{b}/top_received_rank"] = s["top_received_rank"]
                 row[f"block{b}/top_received_is_suffix"] = bool(s["top_received_rank"] >= int(t.content.sum()))
                 arrays[f"block{b}.received.p{p:02d}"] = s["received"].numpy()
@@ -279,10 +305,8 @@ class RefinerAttention(Metric):
                     images[f"refiner_attention/block{b}/mean_map_p00"] = (
                         heatmap(mean_map.numpy(), title, xlabel="key (valid-token rank)",
                                 ylabel="query (content token)"), caption(ctx, f"refiner block {b}, prompt 0"))
-            for k in stats_keys:
-                summary[f"refiner_attention/block{b}/{k}"] = mean_rows(rows, f"block{b}/{k}")
-            summary[f"refiner_attention/block{b}/top_received_is_suffix"] = mean_rows(
-                rows, f"block{b}/top_received_is_suffix")
+            for k in self.BLOCK_STATS:
+                summary[f"{self.name}/block{b}/{k}"] = mean_rows(rows, f"block{b}/{k}")
         return MetricOutput(summary=summary, rows=rows, arrays=arrays, images=images)
 
 
@@ -295,19 +319,26 @@ class CondShift(Metric):
     needs: ClassVar[frozenset] = CONDITIONING
     trace_parts: ClassVar[frozenset] = frozenset({"normed"})
 
+    STAGES: ClassVar[tuple] = ("fused", "normed")
+    STATS: ClassVar[tuple] = ("cos", "rel_l2")
+
+    def summary_keys(self, job) -> list[str]:
+        return [f"{self.name}/{stage}/{stat}" for stage in self.STAGES for stat in self.STATS]
+
     def compute(self, ctx) -> MetricOutput:
         stock = text_trace(ctx, intervened=False, parts={"normed"})
         trace = text_trace(ctx, intervened=True, parts={"normed"})
         rows = []
         for p, (s, t) in enumerate(zip(stock.prompts, trace.prompts)):
             row = prompt_row(ctx, p)
-            for stage in ("fused", "normed"):
+            for stage in self.STAGES:
                 a, ref = getattr(t, stage).double(), getattr(s, stage).double()
-                row[f"{stage}/cos"] = float(cosine(a, ref).mean())
-                row[f"{stage}/rel_l2"] = float((a - ref).norm() / ref.norm()) if ref.norm() > 0 else 0.0
+                stats = {"cos": float(cosine(a, ref).mean()),
+                         "rel_l2": float((a - ref).norm() / ref.norm()) if ref.norm() > 0 else 0.0}
+                row |= {f"{stage}/{k}": stats[k] for k in self.STATS}
             rows.append(row)
-        summary = {f"cond_shift/{k}": mean_rows(rows, k)
-                   for k in ("fused/cos", "fused/rel_l2", "normed/cos", "normed/rel_l2")}
+        summary = {f"{self.name}/{stage}/{k}": mean_rows(rows, f"{stage}/{k}")
+                   for stage in self.STAGES for k in self.STATS}
         return MetricOutput(summary=summary, rows=rows)
 
 
@@ -318,6 +349,13 @@ class SlotContribution(Metric):
 
     name: ClassVar[str] = "slot_contribution"
     needs: ClassVar[frozenset] = CONDITIONING
+
+    PER_LAYER: ClassVar[tuple] = ("slot_norm", "term_norm", "term_share", "drop")  # from `slot_terms`
+    SCALARS: ClassVar[tuple] = ("top_drop_layer", "fit_residual", "sum_rel_error")
+
+    def summary_keys(self, job) -> list[str]:
+        scalars = [f"{self.name}/{k}" for k in self.SCALARS]
+        return per_layer(self.name, self.PER_LAYER, labels_of(job.variant)) + scalars
 
     def compute(self, ctx) -> MetricOutput:
         labels = layer_labels(ctx)
@@ -331,14 +369,14 @@ class SlotContribution(Metric):
                 row |= {f"drop/{lab}": float(s["drop"][i]), f"term_norm/{lab}": float(s["term_norm"][i])}
             rows.append(row)
         summary, arrays = {}, {}
-        for stat in ("slot_norm", "term_norm", "term_share", "drop"):
+        for stat in self.PER_LAYER:
             avg = np.mean([s[stat] for s in per_prompt], axis=0)
             arrays[stat] = avg
             for i, lab in enumerate(labels):
-                summary[f"slot_contribution/{stat}/{lab}"] = float(avg[i])
-        summary["slot_contribution/top_drop_layer"] = _layer(ctx, int(np.argmax(arrays["drop"])))
-        summary["slot_contribution/fit_residual"] = mean_rows(rows, "fit_residual")
-        summary["slot_contribution/sum_rel_error"] = mean_rows(rows, "sum_rel_error")
+                summary[f"{self.name}/{stat}/{lab}"] = float(avg[i])
+        scalars = {"top_drop_layer": _layer(ctx, int(np.argmax(arrays["drop"]))),
+                   "fit_residual": mean_rows(rows, "fit_residual"), "sum_rel_error": mean_rows(rows, "sum_rel_error")}
+        summary |= {f"{self.name}/{k}": scalars[k] for k in self.SCALARS}
         return MetricOutput(summary=summary, rows=rows, arrays=arrays)
 
 
@@ -371,6 +409,14 @@ class TapNorms(Metric):
     name: ClassVar[str] = "tap_norms"
     needs: ClassVar[frozenset] = CONDITIONING
 
+    def growth_key(self, labels: list[str]) -> str:
+        """Deepest over shallowest tap (`tap_norms/growth_L35_over_L2` for Krea 2)."""
+        return f"{self.name}/growth_{labels[-1]}_over_{labels[0]}"
+
+    def summary_keys(self, job) -> list[str]:
+        labels = labels_of(job.variant)
+        return [f"{self.name}/{lab}" for lab in labels] + [self.growth_key(labels)]
+
     def compute(self, ctx) -> MetricOutput:
         labels = layer_labels(ctx)
         trace = text_trace(ctx, intervened=True)
@@ -380,6 +426,6 @@ class TapNorms(Metric):
             norms.append(n)
             rows.append(prompt_row(ctx, p) | {lab: float(n[i]) for i, lab in enumerate(labels)})
         avg = np.mean(norms, axis=0)
-        summary = {f"tap_norms/{lab}": float(avg[i]) for i, lab in enumerate(labels)}
-        summary[f"tap_norms/growth_{labels[-1]}_over_{labels[0]}"] = float(avg[-1] / avg[0]) if avg[0] > 0 else np.inf
+        summary = {f"{self.name}/{lab}": float(avg[i]) for i, lab in enumerate(labels)}
+        summary[self.growth_key(labels)] = float(avg[-1] / avg[0]) if avg[0] > 0 else np.inf
         return MetricOutput(summary=summary, rows=rows, arrays={"mean_norm": avg})

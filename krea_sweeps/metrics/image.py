@@ -46,15 +46,19 @@ def mean_saturation(image: np.ndarray) -> float:
     return float(sat.mean())
 
 
+# stat -> f(image, luminance): one table for the values and for the keys declared before a run (`summary_keys`).
+IMAGE_STATS = {
+    "sharpness": lambda image, gray: laplacian_variance(gray),
+    "contrast": lambda image, gray: rms_contrast(gray),
+    "colourfulness": lambda image, gray: colourfulness(image),
+    "intensity": lambda image, gray: float(gray.mean()),
+    "saturation": lambda image, gray: mean_saturation(image),
+}
+
+
 def image_statistics(image: np.ndarray) -> dict[str, float]:
     gray = luminance(image)
-    return {
-        "sharpness": laplacian_variance(gray),
-        "contrast": rms_contrast(gray),
-        "colourfulness": colourfulness(image),
-        "intensity": float(gray.mean()),
-        "saturation": mean_saturation(image),
-    }
+    return {name: stat(image, gray) for name, stat in IMAGE_STATS.items()}
 
 
 def summarise(rows: list[dict], prefix: str, keys) -> dict[str, float]:
@@ -66,12 +70,14 @@ class ImageStats(Metric):
     name: ClassVar[str] = "image_stats"
     needs: ClassVar[frozenset] = frozenset({"images"})
 
+    def summary_keys(self, job) -> list[str]:
+        return [f"{self.name}/{k}" for k in IMAGE_STATS]
+
     def compute(self, job) -> MetricOutput:
         rows = []
         for (p, seed), image in job.images.items():
             rows.append({"prompt_idx": p, "seed": seed, **image_statistics(image)})
-        keys = ["sharpness", "contrast", "colourfulness", "intensity", "saturation"]
-        return MetricOutput(summary=summarise(rows, self.name, keys), rows=rows)
+        return MetricOutput(summary=summarise(rows, self.name, IMAGE_STATS), rows=rows)
 
 
 def rgb_rms(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,6 +96,11 @@ class ImageDistance(Metric):
     name: ClassVar[str] = "image_distance"
     needs: ClassVar[frozenset] = frozenset({"images", "baseline"})
 
+    STATS: ClassVar[dict] = {"rgb_rms": np.mean, "rgb_rms_max": np.max}  # over prompt × seed
+
+    def summary_keys(self, job) -> list[str]:
+        return [f"{self.name}/{k}" for k in self.STATS]
+
     def validate(self, job) -> None:
         super().validate(job)
         if job.is_stock:
@@ -104,8 +115,7 @@ class ImageDistance(Metric):
                                    "when a metric needs 'baseline')")
             rows.append({"prompt_idx": p, "seed": seed, "rgb_rms": rgb_rms(image, stock)})
         values = [r["rgb_rms"] for r in rows]
-        return MetricOutput(summary={"image_distance/rgb_rms": float(np.mean(values)),
-                                     "image_distance/rgb_rms_max": float(np.max(values))}, rows=rows)
+        return MetricOutput(summary={f"{self.name}/{k}": float(f(values)) for k, f in self.STATS.items()}, rows=rows)
 
 
 @dataclass
@@ -114,6 +124,11 @@ class Diversity(Metric):
 
     name: ClassVar[str] = "diversity"
     needs: ClassVar[frozenset] = frozenset({"images"})
+
+    STATS: ClassVar[tuple] = ("rgb_rms",)  # per prompt (rows), mean over prompts (summary)
+
+    def summary_keys(self, job) -> list[str]:
+        return [f"{self.name}/{k}" for k in self.STATS]
 
     def validate(self, job) -> None:
         super().validate(job)
@@ -127,7 +142,7 @@ class Diversity(Metric):
             images = [job.images[(p, s)] for s in job.seeds if (p, s) in job.images]
             pairs = [rgb_rms(a, b) for i, a in enumerate(images) for b in images[i + 1:]]
             rows.append({"prompt_idx": p, "rgb_rms": float(np.mean(pairs)), "pairs": len(pairs)})
-        return MetricOutput(summary={"diversity/rgb_rms": float(np.mean([r["rgb_rms"] for r in rows]))}, rows=rows)
+        return MetricOutput(summary=summarise(rows, self.name, self.STATS), rows=rows)
 
 
 @dataclass
@@ -139,6 +154,11 @@ class ClipScore(Metric):
     needs: ClassVar[frozenset] = frozenset({"images"})
 
     path: str | None = None
+
+    STATS: ClassVar[tuple] = ("score",)
+
+    def summary_keys(self, job) -> list[str]:
+        return [f"{self.name}/{k}" for k in self.STATS] if self.path is not None else []  # no path: skipped
 
     def validate(self, job) -> None:
         super().validate(job)
@@ -179,7 +199,8 @@ class ClipScore(Metric):
         cos = torch.nn.functional.cosine_similarity(image_emb.double(), text_emb.double(), dim=-1)
         scores = (100 * cos.clamp_min(0)).tolist()
         rows = [{"prompt_idx": p, "seed": s, "clip_score": v} for (p, s), v in zip(keys, scores)]
-        return MetricOutput(summary={"clip_score/score": float(np.mean(scores))}, rows=rows)
+        (stat,) = self.STATS
+        return MetricOutput(summary={f"{self.name}/{stat}": float(np.mean(scores))}, rows=rows)
 
 
 def _features(out):

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..prompts import content_mask
 from .attention import probed
 
 # Parts a metric may ask for besides the always-recorded taps, slots, projector output and fused features.
@@ -54,19 +53,12 @@ def requested_parts(ctx) -> frozenset:
     return frozenset(parts & PARTS)
 
 
-def _memo(ctx) -> dict:
-    memo = getattr(ctx, "cache", None)
-    if memo is None:  # a JobContext without the `cache` field (older task.py): keep the memo on the instance
-        memo = ctx.__dict__.setdefault("_metric_cache", {})
-    return memo
-
-
 def text_trace(ctx, intervened: bool = True, parts: frozenset | set = frozenset()) -> TextTrace:
     """The job's text-path pass (with its interventions, or stock), memoised per job; a stock job's two are one.
     Each pass records at once what every metric of the job asks for, so it runs once."""
     intervened = intervened and not ctx.job.is_stock
     parts = frozenset(parts) | requested_parts(ctx)
-    memo = _memo(ctx)
+    memo = ctx.cache
     key = ("text_trace", intervened)
     cached = memo.get(key)
     if cached is not None and parts <= cached.parts:
@@ -114,7 +106,7 @@ def trace_prompt(ctx, encoded, intervened: bool, parts: frozenset) -> PromptTrac
                 text_path.txt_in(fused)
 
     mask = encoded.mask[0].bool()
-    content = content_mask(encoded.mask)[0]
+    content = encoded.content[0]  # the user text alone (each row's own tail length: see prompts.content_mask)
     T = mask.shape[0]
     out = PromptTrace(
         mask=mask.cpu(), content=content.cpu(),
