@@ -1,5 +1,8 @@
 """One error type for bad input: it names the config key and the fix, in one line, before any model work."""
 
+import math
+import numbers
+
 
 class ConfigError(ValueError):
     def __init__(self, key: str, problem: str, fix: str):
@@ -12,9 +15,28 @@ def require(condition: bool, key: str, problem: str, fix: str) -> None:
         raise ConfigError(key, problem, fix)
 
 
-def require_finite(values, key: str) -> None:
-    import math
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
+
+def require_finite(values, key: str) -> None:
+    """Every value a finite number. Hydra hands over command-line text it cannot parse (`=abc`) as a string, and
+    `true` as a bool: both are rejected here rather than passed on to fail later (or not at all)."""
     for v in values if isinstance(values, (list, tuple)) else [values]:
-        if isinstance(v, (int, float)) and not math.isfinite(v):
+        if not _is_number(v):
+            raise ConfigError(key, f"{v!r} is not a number", f"give a number, e.g. {key}=1.0")
+        if not math.isfinite(v):
             raise ConfigError(key, f"{v} is not a finite number", "give finite values (no NaN or inf)")
+
+
+def as_float(value, key: str) -> float:
+    """`value` as a finite float, or a ConfigError naming `key`."""
+    require_finite(value, key)
+    return float(value)
+
+
+def as_int(value, key: str, example: int = 8) -> int:
+    """`value` as an int (a float only when whole, e.g. 8.0), or a ConfigError naming `key`."""
+    whole = _is_number(value) and math.isfinite(value) and float(value).is_integer()
+    require(whole, key, f"{value!r} is not a whole number", f"give an integer, e.g. {key}={example}")
+    return int(value)

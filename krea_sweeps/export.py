@@ -34,33 +34,15 @@ from .synthetic import SELECT_LAYERS
 
 ORIGINAL_FILE = "krea2_projector_original_weights.safetensors"
 ORIGINAL_KEY = "txtfusion.projector.weight"
-PROJECTOR_KEYS = ("txtfusion.projector.weight", "model.diffusion_model.txtfusion.projector.weight",
-                  "diffusion_model.txtfusion.projector.weight", "text_fusion.projector.weight")
 
 
 def read_projector(source: str) -> tuple[torch.Tensor, str]:
     """The [1, 12] projector weight of a single-file checkpoint or a diffusers folder, read alone, and its key."""
-    from safetensors import SafetensorError, safe_open
-
-    from .models import text_path_files
+    from .models import read_projector_weight
 
     path = Path(source).expanduser()
     require(path.exists(), "--checkpoint", f"{path} does not exist", "give a Krea 2 .safetensors or diffusers folder")
-    for file in text_path_files(str(path)):
-        require(Path(file).is_file(), "--checkpoint", f"{file} does not exist",
-                "give a Krea 2 .safetensors file or a diffusers folder with transformer/")
-        try:
-            with safe_open(file, framework="pt") as f:
-                key = next((k for k in PROJECTOR_KEYS if k in set(f.keys())), None)
-                if key is not None:
-                    weight = f.get_tensor(key)
-                    require(tuple(weight.shape) == (1, NUM_SLOTS), "--checkpoint",
-                            f"{key} has shape {list(weight.shape)}", f"a Krea 2 projector is [1, {NUM_SLOTS}]")
-                    return weight, key
-        except SafetensorError as e:
-            raise ConfigError("--checkpoint", f"{file} is not safetensors ({e})", "give a .safetensors file") from None
-    raise ConfigError("--checkpoint", f"{path} has no projector ({' / '.join(PROJECTOR_KEYS)})",
-                      "give a Krea 2 DiT checkpoint")
+    return read_projector_weight(str(path), "--checkpoint")
 
 
 def synthetic_checkpoint(variant: str) -> str:

@@ -11,9 +11,9 @@ DiT), `vae`, and `pipeline` (diffusers' `Krea2Pipeline` over the parts).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, require, require_finite
-from .synthetic import SELECT_LAYERS, SCHEDULER_CONFIG, ensure_synthetic_checkpoints
+from .errors import ConfigError, as_float, as_int, require
+from .synthetic import (SELECT_LAYERS, SCHEDULER_CONFIG, SYNTHETIC_VERSION, ensure_synthetic_checkpoints,
+                        synthetic_root)
 
 log = logging.getLogger(__name__)
 
 TEXT_PATH_PREFIXES = ("txtfusion.", "txtmlp.", "text_fusion.", "txt_in.")
+# Where checkpoints keep the [1, 12] projector: original/ComfyUI names (three prefixes) and diffusers' name.
+PROJECTOR_KEYS = ("txtfusion.projector.weight", "model.diffusion_model.txtfusion.projector.weight",
+                  "diffusion_model.txtfusion.projector.weight", "text_fusion.projector.weight")
 _CACHE: dict[tuple, Any] = {}
 LOAD_COUNTS: dict[str, int] = {}  # part -> number of real loads this process (tests read it)
 
@@ -86,9 +90,13 @@ class ModelVariant:
     def __post_init__(self):
         require(self.name in ("raw", "turbo", "turbo_lora"), "model.name", f"unknown variant {self.name!r}",
                 "use model=raw, model=turbo or model=turbo_lora")
-        require_finite(self.lora_strength, "model.lora_strength")
+        # Hydra passes command-line text it cannot parse (`model.guidance=abc`) as a string: convert here, once.
+        self.lora_strength = as_float(self.lora_strength, "model.lora_strength")
+        self.steps = as_int(self.steps, "model.steps")
         require(self.steps >= 1, "model.steps", f"{self.steps} steps", "give at least 1 step")
-        require_finite(self.guidance, "model.guidance")
+        self.guidance = as_float(self.guidance, "model.guidance")
+        require(self.guidance >= 0, "model.guidance", f"{self.guidance} < 0",
+                "use 0 for no CFG, 4.5 for Raw (diffusers' convention: = CFG 5.5)")
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}",
                 "use auto, float32, bfloat16 or float16")
         if self.path is not None:
@@ -123,9 +131,17 @@ class ModelVariant:
         return "raw" if self.name == "turbo_lora" else self.name
 
     def identity(self) -> dict:
-        """What makes this variant's outputs what they are (keys the encode and baseline caches)."""
-        return {"name": self.name, "path": self.path or f"synthetic:{self.base}", "lora_strength":
-                self.lora_strength if self.name == "turbo_lora" else None, "dtype": self.dtype}
+        """What makes this variant's outputs what they are (keys the stock-image cache and the resume fingerprint):
+        the resolved device and dtype (not `auto`), the files each part is read from (absolute; the synthetic ones
+        also by SYNTHETIC_VERSION) and the LoRA with its strength."""
+        device = resolve_device(self.device)
+        sources = sources_for(self, ensure=False)
+        return {"name": self.name, "device": str(device), "dtype": str(resolve_dtype(self.dtype, device)),
+                "transformer": sources.transformer, "text_encoder": sources.text_encoder,
+                "tokenizer": sources.tokenizer, "vae": sources.vae,
+                "synthetic_version": SYNTHETIC_VERSION if sources.synthetic else None, "lora": sources.lora,
+                "lora_strength": float(self.lora_strength) if sources.lora else None,
+                "is_distilled": bool(self.is_distilled), "select_layers": list(self.select_layers)}
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -133,14 +149,7 @@ def _looks_like_hub_id(path: str) -> bool:
 
 
 def _check_krea2_single_file(path: str) -> None:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-    if not ({"txtfusion.projector.weight", "model.diffusion_model.txtfusion.projector.weight",
-             "text_fusion.projector.weight"} & keys):
-        raise ConfigError("model.path", f"{path} is not a Krea 2 checkpoint (no txtfusion.projector.weight)",
-                          "give an original/ComfyUI Krea 2 DiT .safetensors or a diffusers folder")
+    read_projector_weight(path, "model.path")
 
 
 # ---------------------------------------------------------------------------------------------------------- sources
@@ -157,9 +166,10 @@ class Sources:
     synthetic: bool
 
 
-def sources_for(variant: ModelVariant) -> Sources:
+def sources_for(variant: ModelVariant, ensure: bool = True) -> Sources:
+    """The files of each part. `ensure=False` only names them (an identity must not write the synthetic model)."""
     if variant.synthetic:
-        root = ensure_synthetic_checkpoints()
+        root = ensure_synthetic_checkpoints() if ensure else synthetic_root()
         return Sources(
             transformer=str(root / f"krea2_{variant.base}.safetensors"),
             transformer_config=str(root / "transformer_config"),
@@ -171,14 +181,22 @@ def sources_for(variant: ModelVariant) -> Sources:
         )
     folder = variant.path
     return Sources(
-        transformer=variant.path,
-        transformer_config=variant.transformer_config,
-        text_encoder=variant.text_encoder_path or f"{folder}/text_encoder",
-        tokenizer=variant.tokenizer_path or f"{folder}/tokenizer",
-        vae=variant.vae_path or f"{folder}/vae",
-        lora=variant.lora_path,
+        transformer=_absolute(variant.path),
+        transformer_config=_absolute(variant.transformer_config),
+        text_encoder=_absolute(variant.text_encoder_path or f"{folder}/text_encoder"),
+        tokenizer=_absolute(variant.tokenizer_path or f"{folder}/tokenizer"),
+        vae=_absolute(variant.vae_path or f"{folder}/vae"),
+        lora=_absolute(variant.lora_path),
         synthetic=False,
     )
+
+
+def _absolute(path: str | None) -> str | None:
+    """An existing local path absolute and resolved, so caches and fingerprints do not depend on the working
+    directory or on how the path was spelt; anything else (a hub id, a missing file: the loader's error) unchanged."""
+    if path is None or not Path(path).expanduser().exists():
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
@@ -243,21 +261,40 @@ class LoadedModel:
 
     @property
     def transformer(self):
+        """The full DiT, with the LoRA (if any) set to this variant's strength."""
         def build():
             model = _freeze(_to_device(self._load_transformer(), self.load_device))
             if self.sources.lora is not None:
                 self._attach_lora(model)
             return model
 
-        return _cached(self._key("transformer", self.sources.transformer, self.sources.lora), build)
+        model = _cached(self._key("transformer", self.sources.transformer, self.sources.lora), build)
+        self._apply_lora_strength(model)
+        return model
 
-    def set_lora_strength(self) -> None:
-        if self.sources.lora is not None:
-            self.transformer.set_adapters(["turbo"], [float(self.variant.lora_strength)])
+    def _apply_lora_strength(self, model) -> None:
+        """Every strength of a LoRA variant shares one cached DiT, so the strength is set each time the DiT (or its
+        text path) is handed out: a job must never inherit the strength of the job before it."""
+        if self.sources.lora is None:
+            return
+        strength = float(self.variant.lora_strength)
+        if getattr(model, "_krea_sweeps_lora_strength", None) != strength:
+            model.set_adapters(["turbo"], [strength])
+            model._krea_sweeps_lora_strength = strength
+
+    @property
+    def lora_touches_text_path(self) -> bool:
+        """Whether the variant's LoRA has weights on `text_fusion` / `txt_in` (diffusers' converter maps them there)."""
+        return self.sources.lora is not None and lora_has_text_path_keys(self.sources.lora, self._local)
 
     @property
     def text_path(self) -> TextPath:
-        """The transformer's own text modules when the full DiT is already loaded, else a slice-read of them."""
+        """The transformer's own text modules when the full DiT is already loaded, else a slice-read of them.
+
+        A LoRA with text-path weights makes the text path depend on the LoRA and its strength, so it is then always
+        the full DiT's (peft's LoRA layers, at this variant's strength); the slice-read holds base weights only."""
+        if self.lora_touches_text_path:
+            return TextPath.of(self.transformer)
         full_key = self._key("transformer", self.sources.transformer, self.sources.lora)
         if full_key in _CACHE:
             return TextPath.of(_CACHE[full_key])
@@ -278,7 +315,6 @@ class LoadedModel:
         """diffusers' `Krea2Pipeline` over the cached parts (cheap: it only wires them together)."""
         from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline
 
-        self.set_lora_strength()
         pipe = Krea2Pipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
             vae=self.vae,
@@ -302,11 +338,13 @@ class LoadedModel:
         same = self.sources.synthetic and self.dtype == torch.float32
         dtype = {} if same else {"torch_dtype": self.dtype}
         if src.endswith(".safetensors"):
-            return Krea2Transformer2DModel.from_single_file(
+            model = Krea2Transformer2DModel.from_single_file(
                 src, config=self.sources.transformer_config, local_files_only=self._local, **dtype
             )
-        return Krea2Transformer2DModel.from_pretrained(src, subfolder="transformer", local_files_only=self._local,
-                                                       **dtype)
+        else:
+            model = Krea2Transformer2DModel.from_pretrained(src, subfolder="transformer", local_files_only=self._local,
+                                                            **dtype)
+        return keep_fp32_modules(model, Krea2Transformer2DModel._keep_in_fp32_modules)
 
     def _transformer_config(self) -> dict:
         from diffusers import Krea2Transformer2DModel
@@ -318,6 +356,7 @@ class LoadedModel:
                                                         local_files_only=self._local))
 
     def _load_text_path(self) -> TextPath:
+        from diffusers import Krea2Transformer2DModel
         from diffusers.models.transformers.transformer_krea2 import Krea2TextFusion, Krea2TextProjection
 
         cfg = self._transformer_config()
@@ -332,12 +371,9 @@ class LoadedModel:
         txt_in = Krea2TextProjection(cfg.get("text_hidden_dim", 2560), hidden, eps=cfg.get("norm_eps", 1e-5))
         path = TextPath(text_fusion, txt_in)
         path.load_state_dict(read_text_path_tensors(self.sources.transformer), strict=True)
-        # diffusers keeps RMSNorm scales in float32 (`_keep_in_fp32_modules`); do the same.
         path.to(device=self.device, dtype=self.dtype)
-        for name, module in path.named_modules():
-            if type(module).__name__ == "Krea2RMSNorm":
-                module.float()
-        return _freeze(path)
+        # TextPath's parameter names are the DiT's (`text_fusion.…`), so the DiT's own float32 rule applies as is.
+        return _freeze(keep_fp32_modules(path, Krea2Transformer2DModel._keep_in_fp32_modules))
 
     def _attach_lora(self, model) -> None:
         from diffusers import Krea2Pipeline
@@ -374,5 +410,44 @@ def read_text_path_tensors(source: str) -> dict[str, torch.Tensor]:
     return convert_krea2_transformer_checkpoint_to_diffusers(tensors)
 
 
-def load_model(variant: ModelVariant) -> LoadedModel:
-    return LoadedModel(variant)
+def keep_fp32_modules(model: nn.Module, keep: list[str] | None) -> nn.Module:
+    """Upcast to float32 the parameters diffusers' `from_pretrained` keeps in float32 for every dtype: those with a
+    dotted-name component in `_keep_in_fp32_modules` (Krea 2: the RMSNorm scales). `from_single_file` keeps them only
+    for float16, so without this a bf16 single-file DiT, a bf16 diffusers folder and the slice-read text path would
+    each compute the norms differently."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.dtype != torch.float32 and set(name.split(".")) & set(keep or ()):
+            param.data = param.data.float()
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def lora_has_text_path_keys(lora: str, local_files_only: bool = True) -> bool:
+    """Whether a Krea 2 LoRA (any naming diffusers' Krea 2 loader reads) has weights on `text_fusion` / `txt_in`."""
+    from diffusers import Krea2Pipeline
+
+    state_dict = Krea2Pipeline.lora_state_dict(lora, local_files_only=local_files_only)
+    return any(k.removeprefix("transformer.").startswith(("text_fusion.", "txt_in.")) for k in state_dict)
+
+
+def read_projector_weight(source: str, config_key: str) -> tuple[torch.Tensor, str]:
+    """The [1, 12] projector weight of a Krea 2 DiT — a single file under any of `PROJECTOR_KEYS`, or a diffusers
+    folder (sharded or not) — read alone as a safetensors slice, and the key it was found under. The one reader for
+    the export, the projector metric and the checkpoint check; bad input is a ConfigError on `config_key`."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in text_path_files(source):
+        require(Path(file).is_file(), config_key, f"{file} does not exist",
+                "give a Krea 2 .safetensors file or a diffusers folder with transformer/")
+        try:
+            with safe_open(file, framework="pt") as f:
+                key = next((k for k in PROJECTOR_KEYS if k in set(f.keys())), None)
+                if key is not None:
+                    weight = f.get_tensor(key)
+                    require(tuple(weight.shape) == (1, len(SELECT_LAYERS)), config_key,
+                            f"{key} has shape {list(weight.shape)}", f"a Krea 2 projector is [1, {len(SELECT_LAYERS)}]")
+                    return weight, key
+        except SafetensorError as e:
+            raise ConfigError(config_key, f"{file} is not safetensors ({e})", "give a .safetensors file") from None
+    raise ConfigError(config_key, f"{source} is not a Krea 2 checkpoint (no {' / '.join(PROJECTOR_KEYS)})",
+                      "give an original/ComfyUI Krea 2 DiT .safetensors or a diffusers folder")

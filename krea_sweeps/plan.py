@@ -68,16 +68,35 @@ def instantiate(node: Any, key: str):
 
     try:
         return hydra_instantiate(node, _convert_="all")
-    except InstantiationException as e:
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__
+    except (InstantiationException, TypeError) as e:
+        cause = innermost_cause(e)
         if isinstance(cause, ConfigError):
             raise cause from None
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(key, message, f"check the `{key}` config (HYDRA_FULL_ERROR=1 shows the cause)") from None
-    except TypeError as e:
-        raise ConfigError(key, str(e), f"check the keys of the `{key}` config") from None
+        field_key = f"{key}.{field_of(cause)}" if field_of(cause) else key
+        raise ConfigError(field_key, f"{type(cause).__name__}: {cause}",
+                          f"check the `{field_key}` config (HYDRA_FULL_ERROR=1 shows the traceback)") from None
+
+
+def innermost_cause(error: BaseException) -> BaseException:
+    """The error at the bottom of a chain: our ConfigError if one is in it, else the deepest cause. Hydra's
+    `InstantiationException` only says which target failed; the reason is below it."""
+    seen = []
+    while error is not None and error not in seen:
+        if isinstance(error, ConfigError):
+            return error
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen[-1]
+
+
+_FIELD_IN_MESSAGE = re.compile(r"(?:unexpected keyword argument|required (?:positional |keyword-only )?arguments?:)"
+                               r" '(\w+)'")
+
+
+def field_of(error: BaseException) -> str | None:
+    """The config field a constructor error names (an unknown or a missing key), when it names one."""
+    match = _FIELD_IN_MESSAGE.search(str(error))
+    return match.group(1) if match else None
 
 
 def normalise_seeds(seeds) -> list[int]:
@@ -85,9 +104,13 @@ def normalise_seeds(seeds) -> list[int]:
         seeds = [seeds]
     require(seeds is not None and len(seeds) > 0, "seeds", "no seeds given", "give e.g. seeds=[0] or -m seeds=0,1")
     try:
-        return [int(s) for s in seeds]
+        seeds = [int(s) for s in seeds]
     except (TypeError, ValueError):
         raise ConfigError("seeds", f"{seeds} are not integers", "give integer seeds, e.g. seeds=[0,1]") from None
+    # Images, rows and files are keyed by (prompt, seed): a repeated seed would overwrite its twin.
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    require(not repeated, "seeds", f"seed(s) {repeated} repeated in {seeds}", "give each seed once")
+    return seeds
 
 
 @dataclass
@@ -132,13 +155,35 @@ def effective_interventions(cfg: DictConfig) -> list:
         items.append(("intervention", cfg.intervention))
     for i, node in enumerate(cfg.get("interventions") or []):
         items.append((f"interventions[{i}]", node))
-    objects = [instantiate(node, key) for key, node in items]
+    from .interventions import keyed
+
+    objects = []
+    for key, node in items:
+        with keyed(key):  # errors name the real key: `interventions[1].slot`, not `intervention.slot`
+            obj = instantiate(node, key)
+        obj.config_key = key
+        objects.append(obj)
     non_identity = [o for o in objects if not o.is_identity]
     return non_identity or objects[:1]
 
 
+def _text_dim(variant) -> int | None:
+    """The encoder width D of the taps [.., 12, D] from the variant's transformer config json alone (no weights), so
+    interventions can check shapes before any load. None when it cannot be read: the attach-time checks still apply."""
+    if variant.synthetic:  # not via LoadedModel: that would write the synthetic checkpoints
+        from .synthetic import TRANSFORMER_CONFIG
+
+        return int(TRANSFORMER_CONFIG["text_hidden_dim"])
+    try:
+        from .models import LoadedModel
+
+        return int(LoadedModel(variant)._transformer_config().get("text_hidden_dim", 2560))
+    except Exception:  # an unreadable config is the model loader's error to report, with its own key
+        return None
+
+
 def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
-    from .interventions import InterventionContext
+    from .interventions import InterventionContext, validate_all
     from .metrics import needs_of
 
     variant = instantiate(cfg.model, "model")
@@ -147,9 +192,8 @@ def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
     prompts = prompt_set.load()
     seeds = normalise_seeds(cfg.get("seeds"))
     interventions = effective_interventions(cfg)
-    ictx = InterventionContext(num_steps=sampler.steps)
-    for intervention in interventions:
-        intervention.validate(ictx)
+    ictx = InterventionContext(num_steps=sampler.steps, guidance=sampler.guidance, text_dim=_text_dim(variant))
+    validate_all(interventions, ictx)
     metric_nodes = cfg.get("metrics") or {}
     require(len(metric_nodes) > 0, "metrics", "no metrics selected", "select some, e.g. metrics=[image_stats]")
     metrics = [instantiate(node, f"metrics.{name}") for name, node in metric_nodes.items()]

@@ -1,7 +1,8 @@
 """The job wrapper around `task.execute`: skip finished jobs, record failures, write files, finish the W&B run.
 
 Hydra neither resumes sweeps nor survives a failing job (the basic launcher re-raises and the sweep stops). Here a
-job's directory is derived from its result-changing overrides, so a rerun finds `result.json` and skips the job; an
+job's directory is derived from its result-changing overrides, so a rerun finds `result.json` and skips the job when
+the inputs it recorded (`fingerprint`: prompts' text, resolved files, seeds, …) are still the same; an
 exception is written to `failed.json` and the sweep goes on (unless `fail_fast=true`); `run.py` exits non-zero at the
 end with the failed jobs listed (jobs in other processes are found on disk by `sweeps.SweepGuard`).
 
@@ -18,13 +19,12 @@ import signal
 import time
 import traceback
 from contextlib import contextmanager
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .plan import Job, plan
-from .task import SYNTHETIC_WARNING, execute, intervention_label, versions, write_json_atomic
+from .task import SYNTHETIC_WARNING, execute, intervention_label, job_fingerprint, versions, write_json_atomic
 
 log = logging.getLogger("krea_sweeps")
 
@@ -119,9 +119,14 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
     job = plan(cfg, hydra_cfg)
     check_objective(job)
     result_file, failed_file = job.job_dir / "result.json", job.job_dir / "failed.json"
+    fingerprint = job_fingerprint(job)
     if job.multirun and result_file.exists() and not job.force:
-        log.info("skip %s: %s exists (force=true reruns it)", job.name, result_file)
-        return objective_of(job, json.loads(result_file.read_text()).get("summary", {}))
+        previous = json.loads(result_file.read_text())
+        if previous.get("fingerprint") == fingerprint:
+            log.info("skip %s: %s exists (force=true reruns it)", job.name, result_file)
+            return objective_of(job, previous.get("summary", {}))
+        log.info("rerun %s: its inputs changed since %s was written (prompts, model files, seeds, sampler, "
+                 "interventions or metrics)", job.name, result_file)
     for stale in (result_file, failed_file):
         stale.unlink(missing_ok=True)
     if job.variant.synthetic and not _WARNED["synthetic"]:  # once per process, not once per job
@@ -135,7 +140,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
     tracker.start(job_dir=job.job_dir, name=run_name(job), group=job.group, job_type=job.experiment,
                   tags=tags_for(job), config=config)
     record = {"status": "running", "job": config["job"], "config": config, "synthetic": job.variant.synthetic,
-              "versions": versions(), "wandb": tracker.where()}
+              "fingerprint": fingerprint, "versions": versions(), "wandb": tracker.where()}
     t0 = time.perf_counter()
     failed = True
     try:

@@ -13,7 +13,9 @@ and how the transformer's text modules are called, each lever exact in math and 
 - `cache_text_path`: `text_fusion` and `txt_in` do not depend on the step, so they run once per image and branch
   instead of once per step — unless something inside them reads the step (an intervention's step window).
 - `batch_seeds`: the seeds of one prompt in one pipeline call (a generator list); pays when per-call overhead dominates.
-- `compile`: `compile_repeated_blocks(fullgraph=True)` on the DiT blocks (CUDA only with `auto`).
+- `compile`: `compile_repeated_blocks(fullgraph=True)` on the DiT blocks (CUDA only with `auto`). Compiling lasts for
+  the process: a later `fast=false` call runs the compiled blocks too, so it warns, and `runs_compiled` enters the
+  stock-image cache key and the job's record.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .errors import require, require_finite
+from .errors import as_float, as_int, require
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +110,22 @@ class Sampler:
     compile: bool | str = "auto"
 
     def __post_init__(self):
+        # Numbers are converted here, once: Hydra passes command-line text it cannot parse (`=abc`) as a string.
         for key in ("height", "width"):
             value = getattr(self, key)
-            require(value is None or (int(value) > 0 and int(value) % 16 == 0), f"sampler.{key}",
+            if value is not None:
+                value = as_int(value, f"sampler.{key}", example=1024)
+                setattr(self, key, value)
+            require(value is None or (value > 0 and value % 16 == 0), f"sampler.{key}",
                     f"{value} is not a positive multiple of 16", f"use e.g. sampler.{key}=1024 (or 64 on the synthetic model)")
-        require(self.steps is None or int(self.steps) >= 1, "sampler.steps", f"{self.steps} steps", "give at least 1 step")
+        if self.steps is not None:
+            self.steps = as_int(self.steps, "sampler.steps")
+            require(self.steps >= 1, "sampler.steps", f"{self.steps} steps", "give at least 1 step")
         if self.guidance is not None:
-            require_finite(self.guidance, "sampler.guidance")
+            self.guidance = as_float(self.guidance, "sampler.guidance")
             require(self.guidance >= 0, "sampler.guidance", f"{self.guidance} < 0",
                     "use 0 for no CFG, 4.5 for Raw (diffusers' convention: = CFG 5.5)")
+        self.max_sequence_length = as_int(self.max_sequence_length, "sampler.max_sequence_length", example=512)
         require(self.max_sequence_length >= 1, "sampler.max_sequence_length", f"{self.max_sequence_length}",
                 "give a positive token count (Krea 2 uses 512)")
         for key in ("fast", "trim_padding", "cache_text_path", "batch_seeds"):
@@ -138,7 +147,8 @@ class Sampler:
 
     def fast_levers(self) -> dict | None:
         """The fast-path levers that change outputs (at float tolerance); None on the eager path. The text cache is
-        bit-exact and compiling is decided per device, so neither enters the baseline cache key."""
+        bit-exact, so it stays out of the baseline cache key; compiling is keyed by what actually runs
+        (`runs_compiled`, which depends on the device and on earlier jobs in the process), not by this config."""
         if not self.fast:
             return None
         return {"trim_padding": self.trim_padding, "batch_seeds": self.batch_seeds}
@@ -164,6 +174,7 @@ def generate_many(pipe, sampler: Sampler, cond, neg, seeds: list[int], on_step=N
     `step_dependent=True` (an attached intervention has a step window) turns the text-path cache off outright; the
     cache also turns itself off for any call that reads `STATE.step`, so this flag is a belt to those braces."""
     if not sampler.fast:
+        warn_if_eager_on_compiled(pipe.transformer)
         return [_pipeline_call(pipe, sampler, cond, neg, [seed], on_step)[0] for seed in seeds]
     if sampler.trim_padding:
         cond, neg = trim_padding(cond), trim_padding(neg)
@@ -212,7 +223,7 @@ def trim_padding(encoded):
     from .prompts import Encoded
 
     keep = encoded.mask.any(dim=0)
-    return Encoded(encoded.taps[:, keep], encoded.mask[:, keep])
+    return Encoded(encoded.taps[:, keep], encoded.mask[:, keep], encoded.num_suffix)
 
 
 def compile_blocks(transformer) -> bool:
@@ -228,6 +239,28 @@ def compile_blocks(transformer) -> bool:
 
 def should_compile(sampler: Sampler, device) -> bool:
     return sampler.compile is True or (sampler.compile == "auto" and torch.device(device).type == "cuda")
+
+
+def blocks_compiled(transformer) -> bool:
+    """Whether the DiT's blocks were compiled in this process — by `compile_blocks` or by anyone calling
+    `Module.compile` (which sets `_compiled_call_impl`). Nothing here undoes it, so every later call runs them."""
+    return bool(getattr(transformer, "_krea_sweeps_compiled", False)) or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules())
+
+
+def runs_compiled(sampler: Sampler, transformer) -> bool:
+    """Whether `generate_many(…, sampler)` on `transformer` runs compiled blocks: already compiled, or about to be
+    (fast path with compiling on for this device). Compiled and eager images differ at float tolerance."""
+    return blocks_compiled(transformer) or (sampler.fast and should_compile(sampler, transformer.device))
+
+
+def warn_if_eager_on_compiled(transformer) -> None:
+    """`sampler.fast=false` promises diffusers' own eager call; after compiling, in this process, it cannot keep it."""
+    if blocks_compiled(transformer) and not getattr(transformer, "_krea_sweeps_warned_compiled", False):
+        transformer._krea_sweeps_warned_compiled = True
+        log.warning("sampler.fast=false, but the DiT blocks were compiled earlier in this process (compiling cannot "
+                    "be undone): these images come from the compiled blocks, not diffusers' eager call bit for bit. "
+                    "For the eager reference, run the fast=false jobs in a process of their own.")
 
 
 @contextmanager
@@ -294,10 +327,12 @@ def _unmasked_dit(transformer):
 class TextPathCache:
     """Reuse a text module's output while its input is the very same tensor (same object, same version) in the same
     CFG branch — i.e. across the steps of one image. A miss that read `STATE.step` is not stored (its output depends
-    on the step), and an entry whose output was edited in place afterwards (a forward hook) is dropped.
+    on the step), and an entry whose output was edited in place afterwards (by a later consumer) is dropped.
 
-    Only the module's own `forward` is replaced: forward hooks on `text_fusion` itself still run on every call, and
-    hooks inside it run on every miss — once per image and branch."""
+    The cache sits in front of the module's own hooks, so it is keyed on the tensor the transformer passed, not on
+    what a pre-hook made of it (a taps edit returns a new tensor every call, which would miss every step). A miss runs
+    the module with its hooks (pre-hooks, forward, forward hooks, hooks inside), once per image and branch; the stored
+    output already holds their effect, so a hit returns it without running them."""
 
     def __init__(self, state: DenoiseState = STATE):
         self.state = state
@@ -306,10 +341,14 @@ class TextPathCache:
 
     @contextmanager
     def wrapping(self, module):
-        own = module.__dict__.get("forward")
-        inner = own if own is not None else module.forward
+        """Cache `module`'s calls while the body runs. `Module.__call__` dispatches to `self._call_impl`, which runs the
+        hooks and `forward`: an instance attribute of that name sees the call before any hook. The name is torch's
+        own (private); were a version to stop dispatching through it, the cache would stop hitting — slower, never
+        wrong — and tests/test_fast_path.py's once-per-image counts would fail."""
+        own = module.__dict__.get("_call_impl")
+        inner = own if own is not None else module._call_impl
 
-        def forward(x, *args, **kwargs):
+        def cached_call(x, *args, **kwargs):
             mask = kwargs.get("attention_mask", args[0] if args else None)
             key = (id(module), self.state.branch)
             entry = self.entries.get(key)
@@ -326,12 +365,12 @@ class TextPathCache:
                 self.entries.pop(key, None)
             return out
 
-        module.forward = forward
+        module._call_impl = cached_call
         try:
             yield self
         finally:
             if own is not None:
-                module.forward = own
+                module._call_impl = own
             else:
-                del module.forward
+                del module._call_impl
             self.entries.clear()

@@ -13,8 +13,7 @@ import logging
 import os
 import platform
 import time
-import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,9 +82,23 @@ class Timings(dict):
 _BASELINES: dict[str, np.ndarray] = {}
 
 
-def baseline_key(job: Job, prompt: str, seed: int) -> str:
+def baseline_key(job: Job, prompt: str, seed: int, compiled_blocks: bool) -> str:
+    """The stock image's cache key: the variant as resolved (device, dtype, files, LoRA), the sampler, and whether the
+    DiT blocks it runs are compiled (compiled and eager images differ at float tolerance)."""
     blob = json.dumps({"variant": job.variant.identity(), "sampler": job.sampler.identity(), "prompt": prompt,
-                       "seed": seed}, sort_keys=True)
+                       "seed": seed, "compiled_blocks": compiled_blocks}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def job_fingerprint(job: Job) -> str:
+    """A hash of everything a job's result depends on — the variant as resolved (files, device, dtype, LoRA), the
+    prompts' text, the seeds, the sampler, the interventions as data, the metric configs. The job folder is named
+    from command-line overrides only, so a changed prompt file or environment variable keeps the folder: resume
+    compares this instead of trusting that `result.json` exists."""
+    metrics = OmegaConf.to_container(job.cfg.get("metrics") or {}, resolve=True)
+    blob = json.dumps({"variant": job.variant.identity(), "prompts": job.prompts, "seeds": job.seeds,
+                       "sampler": job.sampler.identity(), "interventions": [i.describe() for i in job.interventions],
+                       "metrics": metrics}, sort_keys=True, default=_json_default)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -128,6 +141,7 @@ class JobContext:
     baseline_images: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
     cache: dict = field(default_factory=dict)  # per-job memo for metrics (one text-path trace serves them all)
+    compiled_blocks: bool | None = None  # whether the images came from compiled DiT blocks (None: no images)
 
     @property
     def prompts(self) -> list[str]:
@@ -194,7 +208,7 @@ def generate_images(ctx: JobContext, pipe, with_interventions: bool, keys: list[
     out = {}
     bar = tqdm(total=len(keys) * job.sampler.steps, desc=desc, unit="step", leave=False,
                disable=os.environ.get("KREA_SWEEPS_PROGRESS", "1") == "0")
-    scope = ctx.intervened() if with_interventions else _nullcontext()
+    scope = ctx.intervened() if with_interventions else nullcontext()
     # A step window makes the text path step-dependent: the sampler must not reuse it across steps.
     step_dependent = with_interventions and any(getattr(i, "steps", None) is not None for i in job.interventions)
     by_prompt: dict[int, list[int]] = {}
@@ -209,21 +223,19 @@ def generate_images(ctx: JobContext, pipe, with_interventions: bool, keys: list[
     return out
 
 
-@contextmanager
-def _nullcontext():
-    yield
-
-
 def produce_images(ctx: JobContext) -> None:
+    from .sampler import runs_compiled
+
     job = ctx.job
     keys = [(p, s) for p in range(len(job.prompts)) for s in job.seeds]
     with ctx.timings.phase("load"):
         pipe = ctx.model.pipeline()
     ctx.negative = ctx.encode([job.sampler.negative_prompt])
+    ctx.compiled_blocks = runs_compiled(job.sampler, pipe.transformer)
     if "baseline" in job.needs or job.is_stock:
         missing = []
         for p, s in keys:
-            image = cached_baseline(job, baseline_key(job, job.prompts[p], s))
+            image = cached_baseline(job, baseline_key(job, job.prompts[p], s, ctx.compiled_blocks))
             if image is None:
                 missing.append((p, s))
             else:
@@ -233,7 +245,7 @@ def produce_images(ctx: JobContext) -> None:
                 fresh = generate_images(ctx, pipe, False, missing, "stock images")
             BASELINE_GENERATIONS["count"] += len(fresh)
             for (p, s), image in fresh.items():
-                store_baseline(job, baseline_key(job, job.prompts[p], s), image)
+                store_baseline(job, baseline_key(job, job.prompts[p], s, ctx.compiled_blocks), image)
             ctx.baseline_images.update(fresh)
     if job.is_stock:
         ctx.images = dict(ctx.baseline_images)
@@ -298,6 +310,7 @@ def execute(job: Job) -> dict:
         "rows": rows,
         "images": sorted(str(Path("images") / f"p{p:02d}_s{s}.png") for p, s in ctx.images),
         "timings": dict(ctx.timings),
+        "compiled_blocks": ctx.compiled_blocks,
         "_wandb_images": images,
         "interventions": [i.describe() for i in job.interventions],  # after the run: includes what attach learned
         "encode_cache": {"hits": encode_cache(ctx.encode_folder).hits, "misses": encode_cache(ctx.encode_folder).misses},

@@ -152,6 +152,7 @@ def test_fast_path_leaves_no_hooks_behind(raw):
     after = (len(pipe.transformer._forward_pre_hooks), len(tf._forward_pre_hooks), len(tf._forward_hooks))
     assert before == after
     assert "forward" not in tf.__dict__ and "forward" not in pipe.transformer.txt_in.__dict__
+    assert "_call_impl" not in tf.__dict__ and "_call_impl" not in pipe.transformer.txt_in.__dict__
 
 
 def test_trim_padding_keeps_only_valid_tokens(turbo):
@@ -162,13 +163,20 @@ def test_trim_padding_keeps_only_valid_tokens(turbo):
 
 
 def test_text_path_cache_drops_an_entry_edited_in_place():
-    """A forward hook that edits `text_fusion`'s output in place must not see its own edit again next step."""
+    """A forward hook's in-place edit is part of the stored output (applied once, not again per hit); an output its
+    consumer edits in place afterwards is not reused."""
     lin = torch.nn.Linear(2, 2)
     lin.register_forward_hook(lambda m, a, o: o.add_(1.0))
     x = torch.ones(1, 2)
-    with torch.no_grad(), TextPathCache().wrapping(lin) as cache:
-        first, second = lin(x).clone(), lin(x).clone()
-    assert torch.equal(first, second) and cache.hits == 0
+    with torch.no_grad():
+        eager = lin(x)
+        with TextPathCache().wrapping(lin) as cache:
+            first = lin(x)
+            second = lin(x)
+            assert second is first and torch.equal(first, eager) and cache.hits == 1
+            second.mul_(0.0)  # the consumer edits the cached tensor in place
+            third = lin(x)
+    assert torch.equal(third, eager) and cache.misses == 2
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -184,3 +192,95 @@ def test_sampler_config_defaults_to_the_fast_path_and_opts_out():
     assert not eager.fast and eager.identity() != fast.identity()  # separate baseline caches
     with pytest.raises(ConfigError, match="sampler.compile"):
         instantiate(compose(["sampler.compile=sometimes"]).sampler, "sampler")
+
+
+# ------------------------------------------------------------------------------------------------ real interventions
+def _real_interventions():
+    """One of each kind that acts before the projector, where padding and batching change the tensors' shapes."""
+    from krea_sweeps.interventions import Ablate, Knockout, Solo, Steer
+
+    pairs = [["a smiling face", "a neutral face"], ["a happy dog", "a calm dog"]]
+    return {
+        "solo_taps": lambda: Solo(slot=2, site="taps"),
+        "ablate_noise_taps": lambda: Ablate(mode="noise", targets=[0, "L20"], seed=5),
+        "ablate_noise_slots": lambda: Ablate(site="slots", mode="noise", targets=["L20"], seed=2),
+        "ablate_mean_slots": lambda: Ablate(site="slots", mode="mean", targets=["L20"],
+                                            reference_prompts=["a quiet harbour", "a city street at night"]),
+        "steer_add": lambda: Steer(pairs=pairs, mode="add", strength=4.0),
+        "knockout": lambda: Knockout(keys=["L2", "L20", "L35"]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_real_interventions()))
+def test_fast_path_equals_eager_with_real_interventions(raw, name):
+    """Trimmed and batched (2 seeds in one call) generations equal the eager, padded, one-seed-per-call ones with the
+    real classes attached — Ablate's noise included, which is drawn per valid-token rank, not per padded shape."""
+    pipe, cond, neg, eager = _setup(raw)
+    layers = tuple(raw.variant.select_layers)
+    ctx = InterventionContext(text_path=TextPath.of(pipe.transformer), num_steps=eager.steps,
+                              encode=lambda ps: encode(raw.tokenizer, raw.text_encoder, ps, SEQ, layers))
+    stock = generate(pipe, eager, cond, neg, seed=1)
+    with applied([_real_interventions()[name]()], ctx):
+        ref = generate_many(pipe, eager, cond, neg, [1, 2])
+        trimmed = generate_many(pipe, _fast(eager), cond, neg, [1, 2])
+        batched = generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [1, 2])
+    assert _max_diff(ref[0], stock) > 1e-2  # the intervention does something
+    for fast in (trimmed, batched):
+        assert len(fast) == 2 and all(_max_diff(f, r) < ATOL for f, r in zip(fast, ref)), name
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+@dataclass
+class TapsEditStandIn(Intervention):
+    """Test-local stand-in for a taps-site edit (tap_scale, solo@taps, ablate@taps, steer@taps): a `text_fusion`
+    pre-hook that returns a new tensor on every call."""
+
+    kind: ClassVar[str] = "test_taps_reversed"
+
+    @contextmanager
+    def attach(self, ctx: InterventionContext):
+        def hook(module, args, kwargs):  # the 12 taps in reverse layer order: a large, deterministic edit
+            if not self.active(ctx.state):
+                return None
+            return (args[0].flip(2), *args[1:]), kwargs
+
+        handle = ctx.text_path.text_fusion.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def test_a_taps_pre_hook_keeps_the_text_path_once_per_image_and_branch(raw):
+    """The cache is keyed on the tensor the transformer passed, before text_fusion's own hooks make a new one (Raw:
+    CFG, so two branches per image)."""
+    pipe, cond, neg, eager = _setup(raw, steps=3)
+    stock = generate(pipe, eager, cond, neg, seed=0)
+    with _intervened(pipe, [TapsEditStandIn(apply_to="both")], eager.steps):
+        ref = generate(pipe, eager, cond, neg, seed=0)
+        with _count_calls(pipe.transformer.text_fusion.projector) as calls:
+            fast = generate_many(pipe, _fast(eager), cond, neg, [0, 1])
+    assert _max_diff(ref, stock) > 1e-2  # the stand-in does something
+    assert sorted(calls) == [("cond", 0), ("cond", 0), ("uncond", 0), ("uncond", 0)]  # 2 images × 2 branches
+    assert _max_diff(fast[0], ref) < ATOL
+
+
+def test_eager_call_on_compiled_blocks_warns_and_says_so(turbo, caplog):
+    """`sampler.fast=false` after the blocks were compiled in this process is not diffusers' eager call: warned, and
+    reported by `runs_compiled` (which keys the stock images and is recorded per job)."""
+    from krea_sweeps.sampler import blocks_compiled, runs_compiled
+
+    pipe, cond, neg, eager = _setup(turbo, steps=1)
+    block = pipe.transformer.transformer_blocks[0]
+    assert not blocks_compiled(pipe.transformer) and not runs_compiled(eager, pipe.transformer)
+    block.compile(backend="eager")  # a real torch.compile; the eager backend needs no C++ toolchain
+    try:
+        assert blocks_compiled(pipe.transformer) and runs_compiled(eager, pipe.transformer)
+        with caplog.at_level("WARNING", logger="krea_sweeps.sampler"):
+            generate(pipe, eager, cond, neg, seed=0)
+    finally:
+        block._compiled_call_impl = None  # leave the session's shared transformer as it was
+        pipe.transformer.__dict__.pop("_krea_sweeps_warned_compiled", None)
+        torch._dynamo.reset()
+    assert "compiled earlier in this process" in caplog.text
+    assert not blocks_compiled(pipe.transformer)

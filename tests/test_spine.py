@@ -235,3 +235,222 @@ def test_two_job_multirun_loads_once_and_gives_two_runs_in_one_group(cli):
         seed = rec["config"]["seeds"]
         assert by_seed[seed]["summary"]["image_stats/intensity"] == pytest.approx(rec["summary"]["image_stats/intensity"])
     assert records[0]["summary"] != records[1]["summary"]  # different seeds, different images
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+def test_bf16_text_path_alone_matches_the_full_transformer_and_diffusers_dtype_rule(tmp_path):
+    """One dtype rule for every loading path: diffusers' `from_pretrained` keeps `_keep_in_fp32_modules` in float32
+    for bf16 too; the single-file DiT and the slice-read text path follow it."""
+    from diffusers import Krea2Transformer2DModel
+
+    from krea_sweeps.models import LoadedModel, ModelVariant, TextPath
+
+    model = LoadedModel(ModelVariant(name="turbo", dtype="bfloat16", device="cpu"))
+    alone, full = model._load_text_path(), model.transformer
+    gen = torch.Generator().manual_seed(0)
+    taps = torch.randn(2, 10, 12, 32, generator=gen).to(torch.bfloat16)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    with torch.no_grad():
+        assert torch.equal(alone(taps, mask), TextPath.of(full)(taps, mask))
+    full.save_pretrained(str(tmp_path / "transformer"))
+    folder = Krea2Transformer2DModel.from_pretrained(str(tmp_path), subfolder="transformer", torch_dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in folder.named_parameters()}
+    assert {n: p.dtype for n, p in full.named_parameters()} == dtypes
+    assert dtypes["text_fusion.layerwise_blocks.0.norm1.weight"] == torch.float32
+    assert dtypes["text_fusion.layerwise_blocks.0.attn.to_q.weight"] == torch.bfloat16
+    assert {n: p.dtype for n, p in alone.named_parameters()} == {n: d for n, d in dtypes.items()
+                                                                 if n.startswith(("text_fusion.", "txt_in."))}
+
+
+def _lora_with_text_path_keys(raw) -> dict:
+    """The synthetic Turbo LoRA plus weights on the text path (`txtfusion.…wq`, `txtmlp.1`), original naming."""
+    from krea_sweeps.synthetic import build_turbo_lora
+
+    gen = torch.Generator().manual_seed(3)
+    q = raw.transformer.text_fusion.layerwise_blocks[0].attn.to_q.weight
+    lin = raw.transformer.txt_in.linear_1.weight
+    out = build_turbo_lora()
+    for key, (out_dim, in_dim) in {"txtfusion.layerwise_blocks.0.attn.wq": q.shape, "txtmlp.1": lin.shape}.items():
+        out[f"diffusion_model.{key}.lora_A.weight"] = 0.5 * torch.randn(2, in_dim, generator=gen)
+        out[f"diffusion_model.{key}.lora_B.weight"] = 0.5 * torch.randn(out_dim, 2, generator=gen)
+    return out
+
+
+def test_turbo_lora_conditioning_follows_its_strength_after_a_generation_job(raw, tmp_path):
+    """A LoRA with text-path weights reaches the text path, at the strength of the job asking, not of the job before."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from krea_sweeps.models import LoadedModel, ModelVariant
+    from krea_sweeps.sampler import Sampler, generate
+
+    lora = tmp_path / "turbo_lora_with_text.safetensors"
+    save_file(_lora_with_text_path_keys(raw), str(lora))
+
+    def turbo_lora(strength: float) -> LoadedModel:
+        model = LoadedModel(ModelVariant(name="turbo_lora", lora_strength=strength, is_distilled=True, steps=1,
+                                         guidance=0.0))
+        model.sources = replace(model.sources, lora=str(lora))
+        return model
+
+    assert not LoadedModel(ModelVariant(name="turbo_lora")).lora_touches_text_path  # synthetic LoRA: blocks only
+    generating = turbo_lora(1.0)
+    assert generating.lora_touches_text_path
+    layers = tuple(raw.variant.select_layers)
+    cond = encode(raw.tokenizer, raw.text_encoder, ["a red fox"], 16, layers)
+    generate(generating.pipeline(), Sampler(steps=1, max_sequence_length=16).resolved(generating.variant), cond, cond, 0)
+    with torch.no_grad():
+        half = turbo_lora(0.5).text_path(cond.taps, cond.mask)
+        zero = turbo_lora(0.0).text_path(cond.taps, cond.mask)
+        one = turbo_lora(1.0).text_path(cond.taps, cond.mask)
+        stock = raw.text_path(cond.taps, cond.mask)
+    assert torch.allclose(zero, stock, atol=1e-6)
+    assert (half - zero).abs().max() > 1e-3 and (one - half).abs().max() > 1e-3
+
+
+def test_variant_identity_is_resolved_and_keys_the_stock_images(monkeypatch):
+    from conftest import compose
+
+    from krea_sweeps import models, synthetic
+    from krea_sweeps.models import ModelVariant, sources_for
+    from krea_sweeps.plan import plan
+    from krea_sweeps.task import baseline_key
+
+    auto = ModelVariant(name="turbo").identity()
+    assert auto == ModelVariant(name="turbo", dtype="float32", device="cpu").identity()  # `auto` resolved
+    assert auto["dtype"] == "torch.float32" and auto["device"] == "cpu"
+    assert auto["transformer"] == sources_for(ModelVariant(name="turbo")).transformer
+    assert auto["synthetic_version"] == synthetic.SYNTHETIC_VERSION
+    assert ModelVariant(name="turbo", dtype="bfloat16").identity() != auto
+
+    job = plan(compose(["metrics=[image_stats]"]))
+    key = baseline_key(job, "a fox", 0, compiled_blocks=False)
+    assert baseline_key(job, "a fox", 0, compiled_blocks=True) != key
+    assert baseline_key(plan(compose(["metrics=[image_stats]", "model.dtype=float32"])), "a fox", 0, False) == key
+    strengths = [plan(compose(["model=turbo_lora", f"model.lora_strength={s}", "metrics=[image_stats]"]))
+                 for s in (0.5, 0.8)]
+    assert len({baseline_key(j, "a fox", 0, False) for j in strengths}) == 2
+
+    # A new synthetic model (version bump) moves every part: the stock images' and the encode cache's keys
+    # (prompts.EncodeCache keys on `sources.text_encoder`) both change.
+    before = sources_for(ModelVariant(name="turbo"), ensure=False)
+    monkeypatch.setattr(synthetic, "SYNTHETIC_VERSION", "v-next")
+    monkeypatch.setattr(models, "SYNTHETIC_VERSION", "v-next")
+    after = sources_for(ModelVariant(name="turbo"), ensure=False)
+    assert after.text_encoder != before.text_encoder and after.transformer != before.transformer
+    assert baseline_key(job, "a fox", 0, compiled_blocks=False) != key
+
+
+def _multirun_hydra_cfg(sweep, job: str):
+    """What `HydraConfig.get()` holds for one job of a `-m` sweep (the fields `plan` reads)."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"runtime": {"output_dir": str(sweep / job)}, "mode": RunMode.MULTIRUN,
+                             "sweep": {"dir": str(sweep)}})
+
+
+def test_resume_reruns_a_job_whose_inputs_changed_under_the_same_overrides(tmp_path, caplog):
+    from conftest import compose
+
+    from krea_sweeps.runner import run_job
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+    cfg = compose(["prompts=file", f"prompts.path={prompts}", "metrics=[projector]", "wandb.mode=disabled"])
+    hydra_cfg = _multirun_hydra_cfg(tmp_path / "sweep", "job")
+    result = tmp_path / "sweep" / "job" / "result.json"
+    caplog.set_level("INFO", logger="krea_sweeps")
+    run_job(cfg, hydra_cfg)
+    first = json.loads(result.read_text())
+    run_job(cfg, hydra_cfg)
+    assert "skip job" in caplog.text and json.loads(result.read_text()) == first
+    caplog.clear()
+    prompts.write_text("a blue whale\n")  # same command line, same folder, different input
+    run_job(cfg, hydra_cfg)
+    second = json.loads(result.read_text())
+    assert "rerun job: its inputs changed" in caplog.text and "skip job" not in caplog.text
+    assert second["job"]["prompts"] == ["a blue whale"] and second["fingerprint"] != first["fingerprint"]
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["sampler.steps=abc"], "sampler.steps", "not a whole number"),
+        (["sampler.height=abc"], "sampler.height", "not a whole number"),
+        (["model.steps=2.5"], "model.steps", "not a whole number"),
+        (["model.guidance=abc"], "model.guidance", "not a number"),
+        (["model.lora_strength=abc"], "model.lora_strength", "not a number"),
+        (["sampler.guidance=true"], "sampler.guidance", "not a number"),
+        (["seeds=[0,0]"], "seeds", "repeated"),
+        (["+sampler.foo=1"], "sampler.foo", "unexpected keyword argument 'foo'"),
+    ],
+)
+def test_bad_numbers_seeds_and_fields_name_their_key(overrides, key, words):
+    from conftest import compose
+
+    from krea_sweeps.errors import ConfigError
+    from krea_sweeps.plan import plan
+
+    with pytest.raises(ConfigError) as info:
+        plan(compose([*overrides, "metrics=[projector]"]))
+    assert info.value.key == key and words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_instantiate_reports_the_innermost_cause():
+    from krea_sweeps.errors import ConfigError
+    from krea_sweeps.plan import instantiate
+
+    with pytest.raises(ConfigError) as info:
+        instantiate({"_target_": "builtins.int", "_args_": ["abc"]}, "thing")
+    assert info.value.key == "thing" and "ValueError: invalid literal for int()" in str(info.value)
+
+
+def test_a_non_number_leaves_no_job_folder(cli):
+    result = cli("model.guidance=abc", "wandb.mode=disabled")
+    assert result.returncode == 2 and "config key `model.guidance`" in result.stderr
+    assert "Traceback" not in result.stderr and not list((cli.cwd / "outputs").glob("*/*"))  # no job folder
+
+
+@pytest.mark.parametrize("key", ["txtfusion.projector.weight", "model.diffusion_model.txtfusion.projector.weight",
+                                 "diffusion_model.txtfusion.projector.weight", "text_fusion.projector.weight"])
+def test_one_projector_reader_for_export_metric_and_checkpoint_check(key, tmp_path):
+    from safetensors.torch import save_file
+
+    from krea_sweeps import export
+    from krea_sweeps.metrics import conditioning
+    from krea_sweeps.models import _check_krea2_single_file, read_projector_weight
+
+    w = torch.linspace(-0.05, 0.11, 12).view(1, 12)
+    file = tmp_path / "dit.safetensors"
+    save_file({key: w, "blocks.0.attn.wq.weight": torch.zeros(2, 2)}, str(file))
+    weight, found = read_projector_weight(str(file), "k")
+    assert found == key and torch.equal(weight, w)
+    assert export.read_projector(str(file))[1] == key
+    assert np.array_equal(conditioning.read_projector(str(file)), w.double().view(-1).numpy())
+    _check_krea2_single_file(str(file))  # accepted
+
+
+def test_projector_reader_follows_a_sharded_diffusers_index(tmp_path):
+    from safetensors.torch import save_file
+
+    from krea_sweeps.errors import ConfigError
+    from krea_sweeps.metrics import conditioning
+    from krea_sweeps.models import read_projector_weight
+
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    w = torch.linspace(-0.05, 0.11, 12).view(1, 12)
+    save_file({"text_fusion.projector.weight": w}, str(folder / "part-2.safetensors"))
+    save_file({"transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2)}, str(folder / "part-1.safetensors"))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "text_fusion.projector.weight": "part-2.safetensors",
+        "transformer_blocks.0.attn.to_q.weight": "part-1.safetensors"}}))
+    weight, key = read_projector_weight(str(tmp_path), "k")
+    assert key == "text_fusion.projector.weight" and torch.equal(weight, w)
+    assert np.array_equal(conditioning.read_projector(str(tmp_path)), w.double().view(-1).numpy())
+    save_file({"something.else": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ConfigError, match="not a Krea 2 checkpoint"):
+        read_projector_weight(str(tmp_path / "other.safetensors"), "model.path")
