@@ -302,17 +302,19 @@ def _plt():
     return plt
 
 
-def interesting_metrics(per_job, limit: int = 6, first: str | None = None) -> list[str]:
-    """Metrics that vary between jobs (a flat line says nothing), the objective first."""
-    metrics = [m for m in metric_columns(per_job) if per_job[m].nunique(dropna=True) > 1]
-    metrics.sort(key=lambda m: (m != first, m.count("/"), m))
-    return metrics[:limit]
+def interesting_metrics(per_job, limit: int = 6, first: list[str] | None = None) -> list[str]:
+    """Metrics that vary between jobs (a flat line says nothing): the headline ones (objective, the experiment's
+    `headline`, `--metrics`) first and always, then the rest up to `limit`."""
+    first = [m for m in (first or []) if m in per_job.columns]
+    metrics = [m for m in metric_columns(per_job) if per_job[m].nunique(dropna=True) > 1 and m not in first]
+    metrics.sort(key=lambda m: (m.count("/"), m))
+    return first + metrics[: max(0, limit - len(first))]
 
 
-def fig_metric_vs_key(df, per_job, axes: list[str], out: Path, objective: str | None) -> list[Path]:
+def fig_metric_vs_key(df, per_job, axes: list[str], out: Path, headline: list[str]) -> list[Path]:
     plt = _plt()
     written = []
-    metrics = interesting_metrics(per_job, first=objective)
+    metrics = interesting_metrics(per_job, first=headline)
     for key in [a for a in axes if a in per_job.columns]:
         if not metrics:
             break
@@ -489,15 +491,23 @@ def _safe(key: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in key)
 
 
-def write_figures(df, jobs: list[JobRecord], axes: list[str], sweep_dir: Path) -> list[Path]:
+def headline_metrics(jobs: list[JobRecord], extra: list[str] | None = None) -> list[str]:
+    """What the sweep is about: `--metrics`, the objective, and the experiment's `headline` keys, in that order."""
+    keys = list(extra or [])
+    for job in jobs:
+        keys += [job.config.get("objective")] + list(job.config.get("headline") or [])
+    return list(dict.fromkeys(k for k in keys if k))
+
+
+def write_figures(df, jobs: list[JobRecord], axes: list[str], sweep_dir: Path,
+                  metrics: list[str] | None = None) -> list[Path]:
     out = sweep_dir / "figures"
     out.mkdir(exist_ok=True)
     labels = dict(zip(df["job"], df["label"])) if len(df) else {}
     per_job = job_table(df, axes) if len(df) else None
-    objective = next((j.config.get("objective") for j in jobs if j.config.get("objective")), None)
     written = []
     if per_job is not None:
-        written += fig_metric_vs_key(df, per_job, axes, out, objective)
+        written += fig_metric_vs_key(df, per_job, axes, out, headline_metrics(jobs, metrics))
         written.append(fig_per_slot(per_job, df, out))
     written.append(fig_attention_grid(jobs, labels, out))
     written.append(fig_contact_sheet(jobs, labels, sweep_dir, out))
@@ -513,8 +523,8 @@ def summary_text(df, jobs: list[JobRecord], axes: list[str], sweep_dir: Path, ma
         lines.append("swept: " + ", ".join(f"{a} ({df[a].nunique()} values)" if a in df.columns else a for a in axes))
     if len(df):
         per_job = job_table(df, axes)
-        objective = next((j.config.get("objective") for j in jobs if j.config.get("objective")), None)
-        metrics = interesting_metrics(per_job, limit=max_metrics, first=objective) or metric_columns(per_job)[:max_metrics]
+        metrics = (interesting_metrics(per_job, limit=max_metrics, first=headline_metrics(jobs))
+                   or metric_columns(per_job)[:max_metrics])
         show = per_job[["label", "status"] + metrics].copy()
         import pandas as pd
 
@@ -556,13 +566,14 @@ def log_to_wandb(df, figures: list[Path], jobs: list[JobRecord], sweep_dir: Path
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def collect(sweep_dir: Path, figures: bool = True, wandb_mode: str | None = None, quiet: bool = False):
+def collect(sweep_dir: Path, figures: bool = True, wandb_mode: str | None = None, quiet: bool = False,
+            metrics: list[str] | None = None):
     """Write results.parquet / results.csv / figures for `sweep_dir`; return the table."""
     sweep_dir = Path(sweep_dir)
     df, jobs, axes = build_table(sweep_dir)
     df.to_parquet(sweep_dir / "results.parquet", index=False)
     df.to_csv(sweep_dir / "results.csv", index=False)
-    written = write_figures(df, jobs, axes, sweep_dir) if figures and jobs else []
+    written = write_figures(df, jobs, axes, sweep_dir, metrics) if figures and jobs else []
     if not quiet:
         print(summary_text(df, jobs, axes, sweep_dir))
         print(f"wrote {sweep_dir / 'results.parquet'}, {sweep_dir / 'results.csv'}"
@@ -580,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-figures", action="store_true", help="write only the table")
     parser.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default=None,
                         help="also log a summary run in the sweep's W&B group")
+    parser.add_argument("--metrics", default="", help="comma-separated metric keys to plot first, e.g. "
+                        "image_stats/sharpness,cond_shift/fused/rel_l2 (default: the experiment's `headline`)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if not args.sweep_dir.is_dir():
@@ -589,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.sweep_dir} holds no job folders — give a sweep folder (outputs/<name>), not a job",
               file=sys.stderr)
         return 2
-    collect(args.sweep_dir, figures=not args.no_figures, wandb_mode=args.wandb)
+    collect(args.sweep_dir, figures=not args.no_figures, wandb_mode=args.wandb,
+            metrics=[m for m in args.metrics.split(",") if m])
     return 0
 
 

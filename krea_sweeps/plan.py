@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError, require
 
 # Overrides that do not change a job's result: they never enter its directory name.
-NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective")
+NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective", "headline")
 NON_RESULT_PREFIXES = ("wandb.", "hydra.", "hydra/", "model.device", "model.offload")
 
 

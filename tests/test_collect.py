@@ -137,3 +137,16 @@ def test_slot_labels_come_from_the_model_definition():
 
     assert collect_module.SELECT_LAYERS is SELECT_LAYERS and collect_module.NUM_SLOTS == NUM_SLOTS
     assert "NUM_SLOTS =" not in inspect.getsource(collect_module)  # an int `is` itself anyway: no re-declaration
+
+
+def test_headline_metrics_are_plotted_first_whatever_their_name():
+    """`rebalance_dial` is about sharpness and cond shift: those lead its figure even past the metric limit."""
+    import pandas as pd
+
+    from krea_sweeps.collect import interesting_metrics
+
+    per_job = pd.DataFrame({"job": ["a", "b"], "a/x": [1, 2], "a/y": [1, 3], "b/x": [0, 1],
+                            "z/deep/key": [5, 6], "flat/k": [1, 1]})
+    assert interesting_metrics(per_job, limit=2) == ["a/x", "a/y"]
+    assert interesting_metrics(per_job, limit=2, first=["z/deep/key", "missing/k"]) == ["z/deep/key", "a/x"]
+    assert "flat/k" not in interesting_metrics(per_job, limit=10)
