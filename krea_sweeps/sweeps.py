@@ -34,12 +34,53 @@ register_resolvers()
 
 # --------------------------------------------------------------------------------------------- before composition
 def preflight(argv: list[str], conf_dir: Path = CONF) -> None:
-    """One line (exit 2) for an unknown option of one of our config groups, e.g. `+experiment=typo`."""
+    """One line (exit 2) for an unknown option of one of our config groups (`+experiment=typo`) or a key that does
+    not exist (`intervention.slott=1`), instead of Hydra's multi-line composition error."""
     try:
         check_group_options(argv, conf_dir)
+        check_keys_compose(argv, conf_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_keys_compose(argv: list[str], conf_dir: Path = CONF) -> None:
+    """Compose once with the plain overrides; sweep axes (several values, `range(…)`) are SweepGuard's to check."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    if any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--shell-completion") for a in argv):
+        return
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a and not _is_sweep_axis(a)
+                 and not a.lstrip("+~").startswith("hydra")]
+    register_resolvers()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except HydraException as e:
+        key = _failing_key(str(e), overrides)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        problem = lines[-1] if lines else type(e).__name__
+        if "not in struct" in str(e) or "Could not override" in str(e):
+            problem = "no such key in this config"
+        raise ConfigError(key, problem,
+                          "check the spelling (`python run.py --cfg job` lists every key; `++key=value` adds a new one)"
+                          ) from None
+
+
+def _is_sweep_axis(arg: str) -> bool:
+    from .plan import _split_overrides
+
+    value = arg.split("=", 1)[1]
+    return len(_split_overrides(value)) > 1 or value.startswith(("range(", "choice(", "interval(", "glob(", "tag("))
+
+
+def _failing_key(message: str, overrides: list[str]) -> str:
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if f"'{key}'" in message:
+            return key
+    return "overrides"
 
 
 def check_group_options(argv: list[str], conf_dir: Path = CONF) -> None:

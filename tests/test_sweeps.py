@@ -167,13 +167,17 @@ def test_bad_input_is_one_line_before_any_job(tmp_path):
         ["-m", "+experiment=projector_readout", "hydra/launcher=slurm"],
         ["-m", "+hparams_search=gains_optuna", "objective=image_stats/sharpnes"],
         ["objective=image_stats/sharpnes", *FAST],  # one job, no sweep: the runner's check, same line
+        ["intervention=solo", "intervention.slott=1"],  # a misspelt key in a single run: not Hydra's 5 lines
+        ["-m", "intervention=solo", "intervention.slot=0,1", "intervention.foo=3"],  # … nor in a sweep
     ], tmp_path / "bad")
     assert_one_line_error(procs[0], "`experiment`", "solo_sweeep", "solo_sweep")
     assert_one_line_error(procs[1], "`intervention.slott`")
     assert_one_line_error(procs[2], "`intervention.slot`", "12")
     assert_one_line_error(procs[3], "`objective`", "tap_norms/mean")
     assert_one_line_error(procs[4], "`hydra/launcher`", "sbatch")
-    for proc in procs[5:]:  # a misspelt stat of a selected metric: caught from its declared keys, before any job
+    assert_one_line_error(procs[7], "`intervention.slott`", "no such key")
+    assert_one_line_error(procs[8], "`intervention.foo`", "no such key")
+    for proc in procs[5:7]:  # a misspelt stat of a selected metric: caught from its declared keys, before any job
         assert_one_line_error(proc, "`objective`", "'image_stats/sharpnes' is not a key of `image_stats`",
                               "did you mean 'image_stats/sharpness'?")
     assert not list((tmp_path / "bad").glob("outputs/*/*/.hydra")), "no job started"
@@ -329,7 +333,7 @@ def test_optuna_three_trials_return_and_record_the_objective(tmp_path):
 
 
 def test_every_objective_in_readme_and_conf_is_a_real_key():
-    """Each `<metric>/<stat>` the docs and presets name (objective examples) is a key that metric reports."""
+    """Each `<metric>/<stat>` the docs and presets name (objective examples, `headline` keys) is a key that metric reports."""
     import re
 
     from hydra import compose, initialize_config_dir
@@ -344,7 +348,7 @@ def test_every_objective_in_readme_and_conf_is_a_real_key():
     assert "image_stats/sharpness" in keys and "cond_shift/fused/rel_l2" in keys
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for key in keys:
-            check_objective(plan(compose("config", [f"metrics=[{key.split('/')[0]}]", f"objective={key}"])))
+            check_objective(plan(compose("config", [f"metrics=[{key.split('/')[0]}]", f"objective={key}", "seeds=[0,1]"])))
 
 
 def test_misspelt_objective_stat_is_caught_from_the_declared_keys():
