@@ -332,11 +332,7 @@ def fig_metric_vs_key(df, per_job, axes: list[str], out: Path, headline: list[st
             ax.set_xlabel(key, fontsize=8)
             if hue:
                 ax.legend(title=hue, fontsize=6, title_fontsize=6)
-        fig.tight_layout()
-        path = out / f"metric_vs_{_safe(key)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"metric_vs_{_safe(key)}.png"))
     return written
 
 
@@ -377,11 +373,7 @@ def fig_per_slot(per_job, df, out: Path) -> Path | None:
             ax.bar(range(len(slots)), table.loc[names, metric].to_numpy(dtype=float), color="#4477aa")
             ax.set_xticks(range(len(slots)), labels, fontsize=7)
             ax.set_title(f"{kind}: {metric}", fontsize=8)
-    fig.tight_layout()
-    path = out / "per_slot.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "per_slot.png")
 
 
 def attention_maps(job: JobRecord) -> np.ndarray | None:
@@ -413,11 +405,7 @@ def fig_attention_grid(jobs: list[JobRecord], labels: dict[str, str], out: Path)
             ax.set_xticks(range(NUM_SLOTS), ticks, rotation=90, fontsize=5)
             ax.set_yticks(range(NUM_SLOTS), ticks, fontsize=5)
             ax.set_title(f"{labels.get(job.name, job.name)[:40]} · block {b}", fontsize=7)
-    fig.tight_layout()
-    path = out / "attention_grid.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "attention_grid.png")
 
 
 def stock_images(job: JobRecord, sweep_dir: Path) -> dict[int, np.ndarray]:
@@ -480,10 +468,14 @@ def fig_contact_sheet(jobs: list[JobRecord], labels: dict[str, str], sweep_dir: 
                 ax.set_title(label[:28], fontsize=6)
             if c == 0 and r < len(prompts):
                 ax.text(-0.05, 0.5, prompts[r][:30], transform=ax.transAxes, ha="right", va="center", fontsize=5)
+    return save_figure(fig, out / "contact_sheet.png")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and release a figure: many per sweep, so none may stay open."""
     fig.tight_layout()
-    path = out / "contact_sheet.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
