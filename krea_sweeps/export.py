@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, require
+from .files import atomic_write
 from .interventions.projector import DIFF_KEY, PRESETS, diff_of
 from .interventions.sites import NUM_SLOTS, gains_vector, layer_of, slot_indices
 from .synthetic import SELECT_LAYERS
@@ -54,11 +55,9 @@ def synthetic_checkpoint(variant: str) -> str:
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     return path
 
 

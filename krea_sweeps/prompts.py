@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError, require
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +240,9 @@ class EncodeCache:
                                  tuple(model.variant.select_layers))
                     self.memory[k] = enc
                     if file is not None:
-                        file.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = file.with_suffix(f".tmp{os.getpid()}")
-                        save_file({"taps": enc.taps.contiguous().cpu(), "mask": enc.mask.cpu(),
-                                   "num_suffix": enc.num_suffix.cpu()}, str(tmp))
-                        tmp.replace(file)
+                        with atomic_write(file) as tmp:
+                            save_file({"taps": enc.taps.contiguous().cpu(), "mask": enc.mask.cpu(),
+                                       "num_suffix": enc.num_suffix.cpu()}, str(tmp))
             else:
                 self.hits += 1
             out.append(self.memory[k])

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from .files import atomic_write
 from .plan import Job
 
 log = logging.getLogger("krea_sweeps")
@@ -31,10 +32,8 @@ SYNTHETIC_WARNING = ("synthetic Krea 2 (tiny, random weights; real tokenizer and
 
 # --------------------------------------------------------------------------------------------------- file helpers
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
 
 
 def _json_default(o):
@@ -50,10 +49,8 @@ def _json_default(o):
 def save_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(tmp)
 
 
 def versions() -> dict:
@@ -118,11 +115,8 @@ def cached_baseline(job: Job, key: str) -> np.ndarray | None:
 
 def store_baseline(job: Job, key: str, image: np.ndarray) -> None:
     _BASELINES[key] = image
-    file = baseline_folder(job) / f"{key}.npy"
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, image)
-    tmp.replace(file)
+    with atomic_write(baseline_folder(job) / f"{key}.npy") as tmp:
+        np.save(tmp, image)
 
 
 BASELINE_GENERATIONS = {"count": 0}  # stock images actually generated this process (tests read it)
