@@ -96,7 +96,7 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 @contextmanager
 def count_flops():
     """`with count_flops() as c: ...; c.total` — matmul/conv/attention FLOPs of everything run in the body."""
-    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula  # noqa: F401
+    from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -39,7 +39,7 @@ class Intervention:
     config_key: ClassVar[str] = "intervention"
 
     def __post_init__(self):
-        require(self.apply_to in ("cond", "uncond", "both"), f"intervention.apply_to",
+        require(self.apply_to in ("cond", "uncond", "both"), "intervention.apply_to",
                 f"unknown branch {self.apply_to!r}", "use cond, uncond or both")
         if self.steps is not None:
             self.steps = [int(s) for s in self.steps]
