@@ -59,10 +59,11 @@ if __name__ == "__main__":
     preflight(sys.argv[1:])  # unknown `+experiment=NAME` etc.: one line, before Hydra composes
     try:
         main()
-    except Interrupted as e:
-        print(f"interrupted ({e.signame}): no partial result written; rerun the same command to resume "
+    except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C outside a job (between jobs)
+        signame = getattr(e, "signame", "SIGINT")
+        print(f"interrupted ({signame}): no partial result written; rerun the same command to resume "
               "(finished jobs are skipped)", file=sys.stderr)
-        sys.exit(e.exit_code)
+        sys.exit(e.exit_code if isinstance(e, Interrupted) else 130)
     except FailFast as e:
         print(f"fail_fast: stopped at the first failed job: {e.line}", file=sys.stderr)
         sys.exit(1)

@@ -409,26 +409,19 @@ def fig_attention_grid(jobs: list[JobRecord], labels: dict[str, str], out: Path)
 
 
 def stock_images(job: JobRecord, sweep_dir: Path) -> dict[int, np.ndarray]:
-    """The sweep's cached stock images (`_baselines/`) for this job's prompts at its first seed, if any were made."""
-    from types import SimpleNamespace
+    """The sweep's cached stock images (`_baselines/`) for this job's prompts at its first seed, if any were made.
+    Found by the keys the job recorded: a result is read as data, nothing in it is instantiated or called."""
+    from .files import load_verified
 
-    from .plan import instantiate
-    from .task import baseline_key
-
-    sampler = (job.record.get("job") or {}).get("sampler_resolved")
-    if not sampler or not (sweep_dir / "_baselines").is_dir():
-        return {}
-    try:
-        variant = instantiate(job.config["model"], "model")
-    except Exception:  # e.g. model paths of another machine
-        return {}
-    fake = SimpleNamespace(variant=variant, sampler=SimpleNamespace(identity=lambda: sampler))
+    keys = job.record.get("baseline_keys") or {}
     out = {}
-    for p, prompt in enumerate(job.prompts):
-        key = baseline_key(fake, prompt, job.seeds[0], bool(job.record.get("compiled_blocks")))  # as the job made it
-        file = sweep_dir / "_baselines" / f"{key}.npy"
-        if file.exists():
-            out[p] = np.load(file)
+    for p in range(len(job.prompts)):
+        key = keys.get(f"p{p:02d}_s{job.seeds[0]}") if job.seeds else None
+        if not isinstance(key, str) or not key.isalnum():  # a key is a hex digest, never a path
+            continue
+        tensors = load_verified(sweep_dir / "_baselines" / f"{key}.safetensors")
+        if tensors is not None and "image" in tensors:
+            out[p] = tensors["image"].numpy()
     return out
 
 

@@ -141,7 +141,17 @@ class ModelVariant:
                 "tokenizer": sources.tokenizer, "vae": sources.vae,
                 "synthetic_version": SYNTHETIC_VERSION if sources.synthetic else None, "lora": sources.lora,
                 "lora_strength": float(self.lora_strength) if sources.lora else None,
-                "is_distilled": bool(self.is_distilled), "select_layers": list(self.select_layers)}
+                "is_distilled": bool(self.is_distilled), "select_layers": list(self.select_layers),
+                "files": None if sources.synthetic else _files_identity(sources)}
+
+
+def _files_identity(sources: "Sources") -> dict:
+    """Size, mtime and safetensors-header hash of each part's files: a checkpoint replaced under the same path changes
+    the variant's identity (so its jobs rerun and its stock images are regenerated)."""
+    from .files import file_identity
+
+    parts = ("transformer", "transformer_config", "text_encoder", "tokenizer", "vae", "lora")
+    return {part: file_identity(getattr(sources, part)) for part in parts}
 
 
 def _looks_like_hub_id(path: str) -> bool:

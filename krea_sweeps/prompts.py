@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, require
-from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ TEMPLATE_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 # encoding made without a tokenizer at hand (e.g. `Encoded(taps, mask)` built by hand for the standard template).
 STANDARD_SUFFIX_TOKENS = 5
 # Bump when what the encode cache stores changes, so older files are re-encoded rather than misread.
-ENCODE_CACHE_FORMAT = 2
+ENCODE_CACHE_FORMAT = 3
 USER_TURN = "<|im_start|>user\n"
 RAW_ROUTE_MARK = "<|im_start|>"
 
@@ -221,17 +220,19 @@ class EncodeCache:
 
     def get(self, model, prompts: list[str], max_sequence_length: int) -> Encoded:
         """Encoded taps for `prompts` (batch in order), encoding only those not cached in memory or on disk."""
-        from safetensors.torch import load_file, save_file
+        from .files import file_identity, load_verified, save_verified
 
         identity = {"text_encoder": model.sources.text_encoder, "dtype": str(model.dtype),
                     "layers": list(model.variant.select_layers)}
+        if not model.variant.synthetic:  # a replaced encoder under the same path must not hit the old entries
+            identity["files"] = file_identity(model.sources.text_encoder)
         out = []
         for prompt in prompts:
             k = self.key(identity, prompt, max_sequence_length)
             if k not in self.memory:
                 file = self.folder / f"{k}.safetensors" if self.folder else None
-                if file is not None and file.exists():
-                    t = load_file(str(file), device=str(model.device))
+                t = load_verified(file, device=str(model.device)) if file is not None else None
+                if t is not None and {"taps", "mask", "num_suffix"} <= set(t):
                     self.memory[k] = Encoded(t["taps"], t["mask"], t["num_suffix"])
                     self.hits += 1
                 else:
@@ -240,9 +241,7 @@ class EncodeCache:
                                  tuple(model.variant.select_layers))
                     self.memory[k] = enc
                     if file is not None:
-                        with atomic_write(file) as tmp:
-                            save_file({"taps": enc.taps.contiguous().cpu(), "mask": enc.mask.cpu(),
-                                       "num_suffix": enc.num_suffix.cpu()}, str(tmp))
+                        save_verified(file, {"taps": enc.taps, "mask": enc.mask, "num_suffix": enc.num_suffix})
             else:
                 self.hits += 1
             out.append(self.memory[k])

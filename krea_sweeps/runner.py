@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import time
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -75,6 +77,40 @@ def interrupt_guard():
             signal.signal(sig, previous)
 
 
+KEPT_ON_RERUN = (".hydra",)  # Hydra's record of this very run (written before the task starts)
+
+
+def clear_job_folder(job_dir: Path) -> None:
+    """Remove everything an earlier run of this job left (result, arrays, images, figures, W&B runs); keep this
+    run's `.hydra/` and the log file Hydra has open for it."""
+    if not job_dir.is_dir():
+        return
+    for entry in job_dir.iterdir():
+        if entry.name in KEPT_ON_RERUN or (entry.suffix == ".log" and entry.is_file()):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+ABORTED_WANDB = "wandb-aborted"  # outside `<job>/wandb/`, so `wandb sync outputs/<name>/*/wandb/offline-run-*` skips it
+
+
+def set_aside_wandb_runs(job_dir: Path) -> None:
+    """Move the W&B run(s) of an interrupted job out of `wandb/` (and drop W&B's `latest-run` link to them)."""
+    wandb_dir = job_dir / "wandb"
+    if not wandb_dir.is_dir():
+        return
+    for entry in wandb_dir.iterdir():
+        if entry.is_symlink():
+            entry.unlink()
+        elif entry.is_dir() and "run-" in entry.name:
+            target = job_dir / ABORTED_WANDB / entry.name
+            target.parent.mkdir(exist_ok=True)
+            entry.replace(target)
+
+
 def tags_for(job: Job) -> list[str]:
     tags = [f"variant:{job.variant.name}", job.experiment]
     for i in job.interventions:
@@ -127,42 +163,51 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
             return objective_of(job, previous.get("summary", {}))
         log.info("rerun %s: its inputs changed since %s was written (prompts, model files, seeds, sampler, "
                  "interventions or metrics)", job.name, result_file)
-    for stale in (result_file, failed_file):
-        stale.unlink(missing_ok=True)
+    clear_job_folder(job.job_dir)  # a rerun starts empty: no stale arrays, images, figures or W&B runs
     if job.variant.synthetic and not _WARNED["synthetic"]:  # once per process, not once per job
         log.warning(SYNTHETIC_WARNING)
         _WARNED["synthetic"] = True
 
     from .tracking import Tracker
 
-    tracker = Tracker(job.wandb)
     config = logged_config(job)
-    tracker.start(job_dir=job.job_dir, name=run_name(job), group=job.group, job_type=job.experiment,
-                  tags=tags_for(job), config=config)
     record = {"status": "running", "job": config["job"], "config": config, "synthetic": job.variant.synthetic,
-              "fingerprint": fingerprint, "versions": versions(), "wandb": tracker.where()}
+              "fingerprint": fingerprint, "versions": versions()}
+    tracker = None
     t0 = time.perf_counter()
     failed = True
     try:
-        with interrupt_guard():
-            out = execute(job)
-        images = out.pop("_wandb_images")
-        record.update(out, status="done")
-        record["timings"]["total"] = time.perf_counter() - t0
-        if job.objective:
-            value = objective_of(job, record["summary"])
-            record["objective"] = {"key": job.objective, "value": value}
-            record["summary"]["objective"] = value
-        write_json_atomic(result_file, record)
-        failed = False
-        tracker.log_summary(record["summary"])
-        tracker.log_table("rows", record["rows"])
-        tracker.log_images(images)
+        with interrupt_guard():  # Ctrl-C at any moment, W&B's start and finish included, is one line
+            try:
+                tracker = Tracker(job.wandb)
+                tracker.start(job_dir=job.job_dir, name=run_name(job), group=job.group, job_type=job.experiment,
+                              tags=tags_for(job), config=config)
+                record["wandb"] = tracker.where()
+                out = execute(job)
+                images = out.pop("_wandb_images")
+                record.update(out, status="done")
+                record["timings"]["total"] = time.perf_counter() - t0
+                if job.objective:
+                    value = objective_of(job, record["summary"])
+                    record["objective"] = {"key": job.objective, "value": value}
+                    record["summary"]["objective"] = value
+                write_json_atomic(result_file, record)
+                failed = False
+                tracker.log_summary(record["summary"])
+                tracker.log_table("rows", record["rows"])
+                tracker.log_images(images)
+            except (Interrupted, KeyboardInterrupt, SystemExit):
+                if tracker is not None:
+                    tracker._guard("mark_preempting", lambda: tracker.run.mark_preempting())
+                raise
+            finally:
+                if tracker is not None:
+                    tracker.finish(failed=failed)
     except (Interrupted, KeyboardInterrupt, SystemExit) as e:
+        set_aside_wandb_runs(job.job_dir)  # an aborted W&B run never sits where `wandb sync …/offline-run-*` looks
         if not result_file.exists():
             log.warning("job %s interrupted (%s): no result written; rerun the sweep to run it", job.name,
                         getattr(e, "signame", type(e).__name__))
-            tracker._guard("mark_preempting", lambda: tracker.run.mark_preempting())
         raise
     except ConfigError:
         raise
@@ -177,8 +222,6 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
         if job.fail_fast:
             raise FailFast(FAILED_JOBS[-1]) from e
         return None
-    finally:
-        tracker.finish(failed=failed)
     where = tracker.where()
     wandb_note = {"disabled": "W&B disabled"}.get(where["mode"], f"W&B {where['mode']} run in {where['dir']}")
     if where.get("sync"):

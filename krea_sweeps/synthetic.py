@@ -12,7 +12,6 @@ Everything else is random: numbers measured on it are not Krea 2 findings.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -203,24 +202,25 @@ def ensure_synthetic_checkpoints(cache_dir: Path | None = None) -> Path:
     """
     from safetensors.torch import save_file
 
+    from .files import atomic_folder, locked
+
     root = synthetic_root(cache_dir)
     if (root / "COMPLETE").exists():
         return root
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for variant in ("raw", "turbo"):
-        model = build_transformer(variant)
-        if variant == "raw":
-            model.save_config(str(tmp / "transformer_config"))
-        save_file(diffusers_to_original(model.state_dict()), str(tmp / f"krea2_{variant}.safetensors"))
-    build_text_encoder().save_pretrained(str(tmp / "text_encoder"))
-    load_qwen_tokenizer(cache_dir).save_pretrained(str(tmp / "tokenizer"))
-    build_vae().save_pretrained(str(tmp / "vae"))
-    save_file(build_turbo_lora(), str(tmp / "turbo_lora.safetensors"))
-    (tmp / "COMPLETE").write_text(SYNTHETIC_VERSION)
-    if root.exists():  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.replace(root)
+    tokenizer = load_qwen_tokenizer(cache_dir)  # its own lock: taken before ours, never inside it
+    with locked(root):  # N processes on an empty shared cache: one builds, the others wait and reuse it
+        if (root / "COMPLETE").exists():
+            return root
+        shutil.rmtree(root, ignore_errors=True)  # a folder without COMPLETE is a leftover of an older layout
+        with atomic_folder(root) as tmp:
+            for variant in ("raw", "turbo"):
+                model = build_transformer(variant)
+                if variant == "raw":
+                    model.save_config(str(tmp / "transformer_config"))
+                save_file(diffusers_to_original(model.state_dict()), str(tmp / f"krea2_{variant}.safetensors"))
+            build_text_encoder().save_pretrained(str(tmp / "text_encoder"))
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            build_vae().save_pretrained(str(tmp / "vae"))
+            save_file(build_turbo_lora(), str(tmp / "turbo_lora.safetensors"))
+            (tmp / "COMPLETE").write_text(SYNTHETIC_VERSION)
     return root

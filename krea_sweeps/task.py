@@ -103,20 +103,29 @@ def baseline_folder(job: Job) -> Path:
     return (job.sweep_dir or job.job_dir.parent) / "_baselines"
 
 
+def baseline_file(job: Job, key: str) -> Path:
+    return baseline_folder(job) / f"{key}.safetensors"
+
+
 def cached_baseline(job: Job, key: str) -> np.ndarray | None:
-    if key in _BASELINES:
-        return _BASELINES[key]
-    file = baseline_folder(job) / f"{key}.npy"
-    if file.exists():
-        _BASELINES[key] = np.load(file)
-        return _BASELINES[key]
-    return None
+    """A stock image from memory or disk; a damaged file on disk counts as missing (regenerated, one warning)."""
+    from .files import load_verified
+
+    if key not in _BASELINES:
+        tensors = load_verified(baseline_file(job, key))
+        if tensors is None or "image" not in tensors:
+            return None
+        _BASELINES[key] = tensors["image"].numpy()
+    return _BASELINES[key]
 
 
 def store_baseline(job: Job, key: str, image: np.ndarray) -> None:
+    import torch
+
+    from .files import save_verified
+
     _BASELINES[key] = image
-    with atomic_write(baseline_folder(job) / f"{key}.npy") as tmp:
-        np.save(tmp, image)
+    save_verified(baseline_file(job, key), {"image": torch.from_numpy(np.ascontiguousarray(image))})
 
 
 BASELINE_GENERATIONS = {"count": 0}  # stock images actually generated this process (tests read it)
@@ -136,6 +145,7 @@ class JobContext:
     timings: Timings = field(default_factory=Timings)
     cache: dict = field(default_factory=dict)  # per-job memo for metrics (one text-path trace serves them all)
     compiled_blocks: bool | None = None  # whether the images came from compiled DiT blocks (None: no images)
+    baseline_keys: dict = field(default_factory=dict)  # "pPP_sS" → the stock image's cache key (collect reads it)
 
     @property
     def prompts(self) -> list[str]:
@@ -226,10 +236,12 @@ def produce_images(ctx: JobContext) -> None:
         pipe = ctx.model.pipeline()
     ctx.negative = ctx.encode([job.sampler.negative_prompt])
     ctx.compiled_blocks = runs_compiled(job.sampler, pipe.transformer)
+    ctx.baseline_keys = {f"p{p:02d}_s{s}": baseline_key(job, job.prompts[p], s, ctx.compiled_blocks)
+                         for p, s in keys}
     if "baseline" in job.needs or job.is_stock:
         missing = []
         for p, s in keys:
-            image = cached_baseline(job, baseline_key(job, job.prompts[p], s, ctx.compiled_blocks))
+            image = cached_baseline(job, ctx.baseline_keys[f"p{p:02d}_s{s}"])
             if image is None:
                 missing.append((p, s))
             else:
@@ -239,7 +251,7 @@ def produce_images(ctx: JobContext) -> None:
                 fresh = generate_images(ctx, pipe, False, missing, "stock images")
             BASELINE_GENERATIONS["count"] += len(fresh)
             for (p, s), image in fresh.items():
-                store_baseline(job, baseline_key(job, job.prompts[p], s, ctx.compiled_blocks), image)
+                store_baseline(job, ctx.baseline_keys[f"p{p:02d}_s{s}"], image)
             ctx.baseline_images.update(fresh)
     if job.is_stock:
         ctx.images = dict(ctx.baseline_images)
@@ -270,6 +282,8 @@ def execute(job: Job) -> dict:
     from .prompts import encode_cache
 
     ctx = JobContext(job=job, model=LoadedModel(job.variant))
+    cache = encode_cache(ctx.encode_folder)
+    hits_before, misses_before = cache.hits, cache.misses  # the cache serves the whole process: count this job's
     with ctx.timings.phase("encode"):
         ctx.encoded = ctx.encode(job.prompts)
     if "text_path" in job.needs and not job.generates:
@@ -305,9 +319,10 @@ def execute(job: Job) -> dict:
         "images": sorted(str(Path("images") / f"p{p:02d}_s{s}.png") for p, s in ctx.images),
         "timings": dict(ctx.timings),
         "compiled_blocks": ctx.compiled_blocks,
+        "baseline_keys": ctx.baseline_keys,
         "_wandb_images": images,
         "interventions": [i.describe() for i in job.interventions],  # after the run: includes what attach learned
-        "encode_cache": {"hits": encode_cache(ctx.encode_folder).hits, "misses": encode_cache(ctx.encode_folder).misses},
+        "encode_cache": {"hits": cache.hits - hits_before, "misses": cache.misses - misses_before},
     }
 
 

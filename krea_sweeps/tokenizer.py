@@ -8,6 +8,7 @@ The conversion (~5 s) runs once; the result is saved as a `tokenizer.json` folde
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 # Qwen2/Qwen3 specials, in id order from 151643 (the ids the real Qwen3-VL tokenizer assigns).
@@ -63,11 +64,13 @@ def load_qwen_tokenizer(cache_dir: Path | None = None):
     """The converted tokenizer, built once per machine and reloaded from the cache afterwards."""
     from transformers import PreTrainedTokenizerFast
 
+    from .files import atomic_folder, locked
+
     folder = Path(cache_dir or default_cache_dir()) / "qwen_tokenizer"
-    if (folder / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(str(folder))
-    tokenizer = build_qwen_tokenizer()
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tokenizer.save_pretrained(str(tmp))
-    tmp.replace(folder) if not folder.exists() else None
+    if not (folder / "tokenizer.json").exists():
+        with locked(folder):  # N processes on an empty shared cache: one builds, the others wait and reuse it
+            if not (folder / "tokenizer.json").exists():
+                shutil.rmtree(folder, ignore_errors=True)  # a folder without tokenizer.json is a leftover
+                with atomic_folder(folder) as tmp:
+                    build_qwen_tokenizer().save_pretrained(str(tmp))
     return PreTrainedTokenizerFast.from_pretrained(str(folder))

@@ -20,11 +20,48 @@ from .errors import require
 log = logging.getLogger(__name__)
 
 
+PROBE_TIMEOUT_S = 3.0  # how long the W&B server gets to answer before this process logs offline
+INIT_TIMEOUT_S = 30.0  # wandb.init's own bound when the probe passed but the server stops answering later
+_DECIDED: dict[str, bool] = {}  # "online": whether this process's W&B server answered (asked once per process)
+
+
 def has_api_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path.home() / ".netrc"
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def server_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+
+
+def server_answers(url: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """Whether anything answers HTTP at `url` within `timeout` (an HTTP error status still counts: it answered).
+    A compute node without a route out would otherwise make every `wandb.init` retry for ~90 s."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        return True, "answered"
+    except urllib.error.HTTPError:
+        return True, "answered"
+    except Exception as e:  # URLError, timeout, refused, DNS: no W&B from this node
+        return False, f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+
+
+def online_this_process() -> bool:
+    """Ask the W&B server once per process; when it does not answer, say so in one line and stay offline."""
+    if "online" not in _DECIDED:
+        url = server_url()
+        ok, why = server_answers(url)
+        _DECIDED["online"] = ok
+        if not ok:
+            log.warning("W&B server %s did not answer within %.0f s (%s): logging offline into the job folders "
+                        "for this whole process; upload later with `wandb sync outputs/<name>/*/wandb/offline-run-*`",
+                        url, PROBE_TIMEOUT_S, why)
+    return _DECIDED["online"]
 
 
 @dataclass
@@ -40,9 +77,11 @@ class WandbConfig:
                 "use auto, online, offline or disabled")
 
     def resolved_mode(self) -> str:
-        if self.mode == "auto":
-            return "online" if has_api_key() else "offline"
-        return self.mode
+        """`auto` is online with an API key; online falls back to offline (once per process, one line) when the
+        W&B server does not answer within a few seconds."""
+        if self.mode in ("offline", "disabled") or (self.mode == "auto" and not has_api_key()):
+            return "offline" if self.mode == "auto" else self.mode
+        return "online" if online_this_process() else "offline"
 
 
 class Tracker:
@@ -64,7 +103,7 @@ class Tracker:
                 project=self.config.project, entity=self.config.entity, mode=self.mode, dir=str(job_dir),
                 name=name, group=group, job_type=job_type, tags=sorted(set(tags) | set(self.config.tags)),
                 config=config, reinit="finish_previous",
-                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, init_timeout=INIT_TIMEOUT_S),
             )
             self.run_dir = str(Path(self.run.dir).parent) if self.run is not None else None
         except Exception as e:  # a W&B failure never fails the job

@@ -1,0 +1,278 @@
+"""Real runs: shared caches on a cluster, caches that verify what they read, W&B that never stalls, reruns that start
+clean, names that say what ran, no foreign code, the model card's files, one line per bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, compose
+
+from krea_sweeps.tokenizer import default_cache_dir
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+# ------------------------------------------------------------------------------------ 4. shared caches on a cluster
+def test_three_processes_on_an_empty_cache_all_succeed_and_leave_no_temporary(tmp_path):
+    cache = tmp_path / "cache"
+    code = ("from krea_sweeps.synthetic import ensure_synthetic_checkpoints; "
+            "from krea_sweeps.tokenizer import load_qwen_tokenizer; "
+            "root = ensure_synthetic_checkpoints(); load_qwen_tokenizer(); print(root)")
+    env = {**os.environ, "KREA_SWEEPS_CACHE": str(cache), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1
+    root = Path(outs[0][0].strip())
+    assert (root / "COMPLETE").exists() and (cache / "qwen_tokenizer" / "tokenizer.json").exists()
+    assert _temporaries(cache) == []
+
+
+def test_a_full_disk_during_the_synthetic_build_leaves_no_temporary(tmp_path, monkeypatch):
+    from krea_sweeps import synthetic
+    from krea_sweeps.tokenizer import load_qwen_tokenizer
+
+    load_qwen_tokenizer()  # the shared one, so the copy below is quick
+    cache = tmp_path / "cache"
+    shutil.copytree(default_cache_dir() / "qwen_tokenizer", cache / "qwen_tokenizer")
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "build_vae", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        synthetic.ensure_synthetic_checkpoints(cache)
+    assert not synthetic.synthetic_root(cache).exists()
+    assert _temporaries(cache) == []
+
+
+def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
+    from krea_sweeps.files import atomic_write
+
+    target = tmp_path / "x.json"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 5. caches verify what they read
+def _flip_last_bytes(file: Path, n: int = 16) -> None:
+    data = bytearray(file.read_bytes())
+    for i in range(1, n + 1):
+        data[-i] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "zeroed"])
+def test_a_damaged_encode_cache_entry_is_recomputed_with_one_warning(turbo, tmp_path, caplog, damage):
+    from krea_sweeps.prompts import EncodeCache
+
+    first = EncodeCache(tmp_path).get(turbo, ["A red fox."], 32)
+    (file,) = tmp_path.glob("*.safetensors")
+    size = file.stat().st_size
+    if damage == "flipped":
+        _flip_last_bytes(file)
+    elif damage == "truncated":
+        file.write_bytes(file.read_bytes()[: size // 2])
+    else:
+        file.write_bytes(bytes(size))
+    fresh = EncodeCache(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="krea_sweeps"):
+        again = fresh.get(turbo, ["A red fox."], 32)
+    assert fresh.misses == 1 and fresh.hits == 0  # recomputed, not read
+    assert torch.equal(again.taps, first.taps) and torch.equal(again.mask, first.mask)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "recomputing" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+    reread = EncodeCache(tmp_path)  # and the entry was rewritten whole
+    assert torch.equal(reread.get(turbo, ["A red fox."], 32).taps, first.taps) and reread.hits == 1
+
+
+def test_a_zeroed_stock_image_is_regenerated_not_used(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from krea_sweeps import task
+
+    job = SimpleNamespace(sweep_dir=tmp_path, job_dir=tmp_path / "job")
+    image = np.random.default_rng(0).random((8, 8, 3), dtype=np.float32)
+    task.store_baseline(job, "k" * 24, image)
+    task._BASELINES.clear()
+    assert np.array_equal(task.cached_baseline(job, "k" * 24), image)
+    task._BASELINES.clear()
+    file = task.baseline_file(job, "k" * 24)
+    file.write_bytes(bytes(file.stat().st_size))
+    with caplog.at_level(logging.WARNING, logger="krea_sweeps"):
+        assert task.cached_baseline(job, "k" * 24) is None  # missing ⇒ produce_images generates it again
+    assert any("recomputing" in r.getMessage() for r in caplog.records)
+
+
+def test_a_replaced_checkpoint_under_the_same_path_changes_the_fingerprint(tmp_path):
+    from krea_sweeps.models import sources_for, ModelVariant
+    from krea_sweeps.plan import plan
+    from krea_sweeps.task import job_fingerprint
+
+    synthetic = sources_for(ModelVariant(name="turbo"))
+    checkpoint = tmp_path / "krea2.safetensors"
+    shutil.copy(synthetic.transformer, checkpoint)
+    overrides = ["metrics=[image_stats]", f"model.path={checkpoint}", f"model.text_encoder_path={synthetic.text_encoder}",
+                 f"model.tokenizer_path={synthetic.tokenizer}", f"model.vae_path={synthetic.vae}",
+                 f"model.transformer_config={synthetic.transformer_config}"]
+    before = job_fingerprint(plan(compose(overrides)))
+    assert job_fingerprint(plan(compose(overrides))) == before  # stable while nothing changes
+    shutil.copy(sources_for(ModelVariant(name="raw")).transformer, checkpoint)  # same path, other weights
+    os.utime(checkpoint, ns=(1, 1))
+    assert job_fingerprint(plan(compose(overrides))) != before
+
+
+# ----------------------------------------------------------------------------------- 1. W&B never stalls a sweep
+FAKE_KEY = "f" * 40
+SMALL = ["prompts.prompts=[A red fox.]", "sampler.steps=1", "sampler.max_sequence_length=16", "metrics=[image_stats]"]
+
+
+def _run(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600, **popen):
+    """`python run.py ARGS` with exactly the W&B environment given (no key unless `env` has one)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    full.update({"KREA_SWEEPS_PROGRESS": "0", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO), **(env or {})})
+    full["HOME"] = str(cwd)  # no ~/.netrc key from the machine running the tests
+    if popen:
+        return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=full, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _offline_runs(job_dir: Path) -> list[Path]:
+    return sorted((job_dir / "wandb").glob("offline-run-*"))  # the README's `wandb sync` glob
+
+
+def test_a_key_without_a_reachable_server_costs_seconds_and_logs_offline_in_one_line(tmp_path):
+    import time
+
+    (tmp_path / "nokey").mkdir()
+    (tmp_path / "key").mkdir()
+    args = ["-m", "seeds=0,1", *SMALL]
+    t0 = time.perf_counter()
+    plain = _run(args, tmp_path / "nokey")
+    t1 = time.perf_counter()
+    keyed = _run(args, tmp_path / "key", env={"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    t2 = time.perf_counter()
+    assert plain.returncode == 0 and keyed.returncode == 0, keyed.stderr[-3000:]
+    assert (t2 - t1) - (t1 - t0) < 15, (t1 - t0, t2 - t1)
+    said = [line for line in (keyed.stdout + keyed.stderr).splitlines() if "did not answer" in line]
+    assert len(said) == 1 and "offline" in said[0], keyed.stdout[-2000:] + keyed.stderr[-2000:]  # once per process
+    records = [json.loads(f.read_text()) for f in (tmp_path / "nokey").rglob("result.json")]
+    first, second = [r["encode_cache"] for r in sorted(records, key=lambda r: r["config"]["seeds"])]
+    assert first["misses"] > 0 and second == {"hits": first["misses"], "misses": 0}  # per job, not per process
+    jobs = [f.parent for f in (tmp_path / "key" / "outputs" / "default").glob("*/result.json")]
+    assert len(jobs) == 2
+    for job in jobs:
+        record = json.loads((job / "result.json").read_text())
+        assert record["wandb"]["mode"] == "offline" and record["wandb"]["dir"]
+        assert len(_offline_runs(job)) == 1
+
+
+def test_the_probe_gives_up_on_a_server_that_never_answers(monkeypatch):
+    import socket
+    import time
+
+    from krea_sweeps import tracking
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections (kernel backlog), never answers
+    try:
+        t0 = time.perf_counter()
+        ok, why = tracking.server_answers(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=1.0)
+        assert not ok and time.perf_counter() - t0 < 5
+    finally:
+        silent.close()
+
+
+class _HangingWandbServer:
+    """Answers the reachability probe (HEAD), then never answers W&B's API calls: `wandb.init` hangs in them."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.called = threading.Event()
+        release = self.release = threading.Event()
+        called = self.called
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self.send_response(200)
+                self.end_headers()
+
+            def do_POST(self):
+                called.set()
+                release.wait(120)
+
+            do_GET = do_POST
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+
+
+def test_ctrl_c_while_wandb_starts_is_one_line_and_leaves_no_run_to_sync(tmp_path):
+    import signal
+    import time
+
+    server = _HangingWandbServer()
+    try:
+        proc = _run([*SMALL, "wandb.mode=online"], tmp_path, env={"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": server.url},
+                    start_new_session=True)  # its own process group: Ctrl-C in a terminal reaches W&B's service too
+        assert server.called.wait(180), "wandb.init never reached the server"
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        server.close()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "Traceback" not in out
+    assert err.strip().splitlines()[-1].startswith("interrupted (SIGINT)")
+    jobs = [d for d in (tmp_path / "outputs" / "default").iterdir() if d.is_dir()]
+    for job in jobs:
+        assert not (job / "result.json").exists()
+        assert list((job / "wandb").glob("*run-*")) == [] if (job / "wandb").exists() else True
+
+
+# ----------------------------------------------------------------------------- 2. a rerun starts from an empty folder
+def test_a_rerun_leaves_one_wandb_run_and_no_stale_files(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue whale\na green frog\n")
+    args = ["prompts=file", f"prompts.path={prompts}", "sampler.steps=1", "sampler.max_sequence_length=16",
+            "metrics=[refiner_attention,image_stats]", "wandb.mode=offline"]
+    first = _run(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (job,) = [d for d in (tmp_path / "outputs" / "default").iterdir() if d.is_dir() and not d.name.startswith("_")]
+    assert list(job.rglob("*p02*")) and len(_offline_runs(job)) == 1
+    prompts.write_text("a red fox\na blue whale\n")  # same command, same folder, one prompt fewer
+    second = _run(args, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((job / "result.json").read_text())["job"]["prompts"] == ["a red fox", "a blue whale"]
+    assert list(job.rglob("*p02*")) == []  # no stale arrays or images from the 3-prompt run
+    assert len(_offline_runs(job)) == 1 and len(list(job.rglob("*.wandb"))) == 1
