@@ -521,6 +521,45 @@ def summary_text(df, jobs: list[JobRecord], axes: list[str], sweep_dir: Path, ma
     return "\n".join(lines)
 
 
+def sweep_config(jobs: list[JobRecord], sweep_dir: Path) -> dict:
+    """The collect run's config: every config key on which all the sweep's jobs agree (nested, as the jobs logged
+    it), plus the sweep's name and its swept keys — so the collect run filters and groups like its jobs."""
+    configs = [j.config for j in jobs if j.config]
+    common = _agreed(configs) if configs else {}
+    common.update(sweep=sweep_dir.name, swept=swept_keys(jobs), jobs=len(jobs))
+    return common
+
+
+def _agreed(configs: list[dict]) -> dict:
+    out = {}
+    for key, value in configs[0].items():
+        others = [c.get(key, _MISSING) for c in configs[1:]]
+        if isinstance(value, dict) and all(isinstance(o, dict) for o in others):
+            nested = _agreed([value, *others])
+            if nested:
+                out[key] = nested
+        elif all(o == value for o in others):
+            out[key] = value
+    return out
+
+
+_MISSING = object()
+
+
+def sweep_tags(jobs: list[JobRecord], wandb_config: dict) -> list[str]:
+    """The tags the sweep's job runs carry that say what it is: experiment, variants, `synthetic`, the user's own."""
+    tags = {"collect", *(wandb_config.get("tags") or [])}
+    for job in jobs:
+        config = job.config
+        if config.get("name"):
+            tags.add(str(config["name"]))
+        if (config.get("model") or {}).get("name"):
+            tags.add(f"variant:{config['model']['name']}")
+        if (job.record.get("job") or {}).get("synthetic") or job.record.get("synthetic"):
+            tags.add("synthetic")
+    return sorted(t for t in tags if t)
+
+
 def log_to_wandb(df, figures: list[Path], jobs: list[JobRecord], sweep_dir: Path, mode: str) -> str | None:
     """One W&B run (job_type `collect`) in the sweep's group: the table, the figures, the counts."""
     import wandb
@@ -534,6 +573,7 @@ def log_to_wandb(df, figures: list[Path], jobs: list[JobRecord], sweep_dir: Path
         return None
     run = wandb.init(project=config.project, entity=config.entity, mode=resolved, dir=str(sweep_dir),
                      group=sweep_dir.name, job_type="collect", name=f"{sweep_dir.name}-collect",
+                     config=sweep_config(jobs, sweep_dir), tags=sweep_tags(jobs, wcfg),
                      reinit="finish_previous", settings=wandb.Settings(console="off", silent=True,
                                                                        x_disable_stats=True))
     try:

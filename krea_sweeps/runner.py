@@ -138,6 +138,32 @@ def logged_config(job: Job) -> dict:
     return config
 
 
+COMPARED_FIELDS = ("site", "slot", "layer", "strength")  # the intervention fields every kind reports under one name
+
+
+def job_type_of(job: Job) -> str:
+    """W&B's job_type: what kind of edit ran (`solo`, `rebalance`, `solo+knockout`) or `stock` — the first thing one
+    groups a sweep's runs by. The group already names the sweep."""
+    if job.is_stock:
+        return "stock"
+    return "+".join(i.kind for i in job.interventions if not i.is_identity)
+
+
+def wandb_config(config: dict, job: Job) -> dict:
+    """The run's config for W&B: the resolved config plus keys with the same name and meaning in every job, so
+    W&B's group-by and filters work across kinds — `variant`, `experiment`, `synthetic` and `intervention.kind`,
+    `.site`, `.slot`, `.layer`, `.strength` (None where a kind has no such field) as the job applied them."""
+    out = dict(config)
+    applied = [i.describe() for i in job.interventions if not i.is_identity]
+    intervention = dict(out.get("intervention") or {})
+    intervention["kind"] = job_type_of(job)
+    for key in COMPARED_FIELDS:
+        intervention[key] = next((d[key] for d in applied if d.get(key) is not None), None)
+    out["intervention"] = intervention
+    out.update(variant=job.variant.name, experiment=job.experiment, synthetic=job.variant.synthetic)
+    return out
+
+
 def objective_of(job: Job, summary: dict):
     """The value a Hydra sweeper (Optuna) optimises: `summary[objective]`, or a one-line error naming the real keys."""
     if not job.objective:
@@ -180,8 +206,8 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
         with interrupt_guard():  # Ctrl-C at any moment, W&B's start and finish included, is one line
             try:
                 tracker = Tracker(job.wandb)
-                tracker.start(job_dir=job.job_dir, name=run_name(job), group=job.group, job_type=job.experiment,
-                              tags=tags_for(job), config=config)
+                tracker.start(job_dir=job.job_dir, name=run_name(job), group=job.group, job_type=job_type_of(job),
+                              tags=tags_for(job), config=wandb_config(config, job))
                 record["wandb"] = tracker.where()
                 out = execute(job)
                 images = out.pop("_wandb_images")
@@ -193,6 +219,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
                     record["summary"]["objective"] = value
                 write_json_atomic(result_file, record)
                 failed = False
+                tracker.define_metrics(record["summary"], objective=job.objective, direction=_direction(hydra_cfg))
                 tracker.log_summary(record["summary"])
                 tracker.log_table("rows", record["rows"])
                 tracker.log_images(images)
@@ -228,3 +255,11 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
         wandb_note += f" (upload: {where['sync']})"
     log.info("done %s in %.1fs: %s; %s", job.name, record["timings"]["total"], result_file, wandb_note)
     return objective_of(job, record["summary"])
+
+
+def _direction(hydra_cfg: DictConfig | None) -> str | None:
+    """The sweeper's optimisation direction (Optuna: maximize / minimize), if it has one."""
+    direction = OmegaConf.select(hydra_cfg, "sweeper.direction", default=None) if hydra_cfg is not None else None
+    if isinstance(direction, (list, tuple)) or OmegaConf.is_list(direction):
+        direction = direction[0] if len(direction) else None
+    return str(direction).lower() if direction is not None else None

@@ -118,6 +118,20 @@ class Tracker:
         except Exception as e:
             log.warning("W&B %s failed: %s", what, e)
 
+    def define_metrics(self, summary: dict[str, Any], objective: str | None = None,
+                       direction: str | None = None) -> None:
+        """Tell W&B how to aggregate each summary key: each job sets it once, so `last`; the objective also gets the
+        sweeper's goal (`maximize`/`minimize`), so W&B marks the best run the way Optuna does."""
+
+        def do():
+            for key in summary:
+                self.run.define_metric(key, summary="last")
+            if objective and "objective" in summary and direction in ("maximize", "minimize"):
+                self.run.define_metric("objective", summary="max" if direction == "maximize" else "min",
+                                       goal=direction)
+
+        self._guard("define_metric", do)
+
     def log_summary(self, summary: dict[str, Any]) -> None:
         def do():
             for k, v in summary.items():

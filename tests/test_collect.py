@@ -123,6 +123,10 @@ def test_wandb_summary_run_in_the_sweeps_group(sweep, monkeypatch):
     (run_dir,) = offline_runs(sweep)
     run = read_run(run_dir)
     assert run["run"]["group"] == "known" and run["run"]["job_type"] == "collect"
+    # the sweep's config (keys all jobs agree on) and tags, so the collect run filters like its jobs
+    assert run["config"]["name"] == "known" and run["config"]["model"]["name"] == "turbo"
+    assert run["config"]["swept"] == ["intervention.slot"] and "slot" not in run["config"]["intervention"]
+    assert {"collect", "known", "variant:turbo"} <= set(run["run"]["tags"])
     assert run["summary"]["jobs/done"] == 2 and run["summary"]["jobs/failed"] == 1
     assert any(k.startswith("results") for k in run["history_keys"]) and run["exit_code"] == 0
 

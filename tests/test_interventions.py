@@ -614,3 +614,23 @@ def test_wandb_run_name_and_tags_name_slot_layer_and_site():
     assert "solo" in name and "slot=6" in name and "layer=20" in name and "site=projector" in name
     assert {"intervention:solo", "slot:6", "layer:20", "site:projector"} <= set(tags_for(job))
     assert run_name(plan(compose([]))) == "adhoc"  # stock: just the job name
+
+
+def test_wandb_job_type_and_stable_config_keys_across_kinds():
+    """Runs of different kinds compare in W&B: job_type is the kind, and `intervention.kind/.slot/.layer/.strength`
+    mean the same in every run (None where a kind has no such field)."""
+    from conftest import compose
+
+    from krea_sweeps.plan import plan
+    from krea_sweeps.runner import job_type_of, logged_config, wandb_config
+
+    solo = plan(compose(["intervention=solo", "intervention.layer=20"]))
+    dial = plan(compose(["intervention=rebalance", "intervention.strength=2"]))
+    stock = plan(compose([]))
+    assert [job_type_of(j) for j in (solo, dial, stock)] == ["solo", "rebalance", "stock"]
+    configs = [wandb_config(logged_config(j), j) for j in (solo, dial, stock)]
+    assert [c["intervention"]["kind"] for c in configs] == ["solo", "rebalance", "stock"]
+    assert (configs[0]["intervention"]["slot"], configs[0]["intervention"]["layer"]) == (6, 20)
+    assert configs[1]["intervention"]["strength"] == 2 and configs[1]["intervention"]["slot"] is None
+    assert all(set(("kind", "site", "slot", "layer", "strength")) <= set(c["intervention"]) for c in configs)
+    assert {c["variant"] for c in configs} == {"turbo"} and all(c["synthetic"] for c in configs)

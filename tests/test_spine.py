@@ -211,6 +211,10 @@ def test_default_run_writes_result_images_and_an_offline_wandb_run(cli):
     run = read_run(run_dir)
     assert "synthetic" in run["run"]["tags"] and "variant:turbo" in run["run"]["tags"]
     assert run["config"]["model"]["name"] == "turbo"
+    # comparable across jobs: job_type = the kind of edit, stable keys W&B can group and filter on
+    assert run["run"]["job_type"] == "stock" and run["config"]["variant"] == "turbo"
+    assert run["config"]["intervention"]["kind"] == "stock" and run["config"]["synthetic"] is True
+    assert {"site", "slot", "layer", "strength"} <= set(run["config"]["intervention"])
     assert run["summary"]["image_stats/sharpness"] == pytest.approx(record["summary"]["image_stats/sharpness"])
     assert run["exit_code"] == 0
 
