@@ -56,9 +56,21 @@ def _ignored(override: str) -> bool:
     return key in NON_RESULT_KEYS or key.startswith(NON_RESULT_PREFIXES)
 
 
+def study_slug(search: str, preset: str, direction, objective) -> str:
+    """An Optuna study's name and sweep folder: the search, the preset it runs on, the direction and the objective
+    (`gains_optuna-rebalance_dial-max-image_stats.sharpness`). Two studies never share a folder, so neither
+    overwrites the other's trials or `optimization_results.yaml`."""
+    direction = direction[0] if isinstance(direction, (list, tuple)) or OmegaConf.is_list(direction) else direction
+    short = {"maximize": "max", "minimize": "min"}.get(str(direction).lower(), str(direction))
+    parts = [search, preset, short, str(objective).replace("/", ".")]
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "-".join(parts))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("job_slug"):
         OmegaConf.register_new_resolver("job_slug", job_slug)
+    if not OmegaConf.has_resolver("study_slug"):
+        OmegaConf.register_new_resolver("study_slug", study_slug)
 
 
 def instantiate(node: Any, key: str):

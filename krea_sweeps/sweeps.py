@@ -114,6 +114,19 @@ def check_launcher(config: DictConfig) -> None:
                 "override (one process, shared model cache)")
 
 
+def check_study_storage(config: DictConfig) -> None:
+    """An Optuna study database lives under outputs/ (git-ignored), never loose in the working tree; its folder is
+    made here because Optuna's SQLite storage does not create it."""
+    storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+    if not isinstance(storage, str) or not storage.startswith("sqlite:///"):
+        return
+    path = Path(storage[len("sqlite:///"):])
+    require(path.is_absolute() or (path.parts and path.parts[0] == "outputs"), "hydra.sweeper.storage",
+            f"{storage!r} would put the study database in the working tree",
+            "keep it under outputs/, e.g. hydra.sweeper.storage=sqlite:///outputs/optuna.db")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def check_sweep(config: DictConfig) -> None:
     """Compose and plan each value of each sweep axis (others at their first value): bad keys, bad values, a bad
     objective all fail here, in one line, before any job starts. Model-free: `plan` loads nothing."""
@@ -236,6 +249,7 @@ class SweepGuard(Callback):
         self.started = time.time()
         try:
             check_launcher(config)
+            check_study_storage(config)
             check_sweep(config)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)

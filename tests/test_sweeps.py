@@ -105,6 +105,33 @@ def test_gains_optuna_composes_with_the_12_gains():
         assert gains == [1.0] * 7 + [2.5] + [1.0] * 4
 
 
+def test_each_optuna_study_has_its_own_folder_and_its_database_stays_under_outputs(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from krea_sweeps.errors import ConfigError
+    from krea_sweeps.sweeps import check_study_storage
+
+    def sweep_dir(*overrides):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", ["+hparams_search=gains_optuna", *overrides], return_hydra_config=True)
+            return cfg.hydra.sweep.dir, cfg.hydra.sweeper.study_name, cfg
+
+    folder, study, _ = sweep_dir()
+    assert folder == f"outputs/{study}" == "outputs/gains_optuna-default-max-image_stats.sharpness"
+    folder, _, _ = sweep_dir("+experiment=rebalance_dial")  # the preset names the study (and keeps its prompts)
+    assert folder == "outputs/gains_optuna-rebalance_dial-max-image_stats.sharpness"
+    folder, _, _ = sweep_dir("objective=cond_shift/fused/rel_l2", "hydra.sweeper.direction=minimize")
+    assert folder == "outputs/gains_optuna-default-min-cond_shift.fused.rel_l2"
+    monkeypatch.chdir(tmp_path)
+    _, _, cfg = sweep_dir("hydra.sweeper.storage=sqlite:///optuna.db")
+    with pytest.raises(ConfigError, match="hydra.sweeper.storage"):
+        check_study_storage(cfg)
+    _, _, cfg = sweep_dir("hydra.sweeper.storage=sqlite:///outputs/studies/optuna.db")
+    check_study_storage(cfg)
+    assert (tmp_path / "outputs" / "studies").is_dir()
+    assert "*.db" in (REPO / ".gitignore").read_text().split()
+
+
 def test_launcher_presets_compose():
     from hydra import compose, initialize_config_dir
 
@@ -316,7 +343,7 @@ def test_optuna_three_trials_return_and_record_the_objective(tmp_path):
     args = ["-m", "+hparams_search=gains_optuna", "hydra.sweeper.n_trials=3", *FAST, *ONE_PROMPT]
     proc = run_cli(args, tmp_path, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sweep = tmp_path / "outputs" / "gains_optuna"
+    sweep = tmp_path / "outputs" / "gains_optuna-default-max-image_stats.sharpness"  # one folder per study
     records = results(sweep)
     assert len(records) == 3
     values = []
