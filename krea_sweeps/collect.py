@@ -1,6 +1,6 @@
 """Collect a sweep folder into one table and a few figures — finished, failed or still running.
 
-    python -m krea_sweeps.collect outputs/<sweep> [--wandb offline]      (also: krea-collect outputs/<sweep>)
+    python -m krea_sweeps.collect outputs/<sweep> [--wandb offline] [--report]   (also: krea-collect outputs/<sweep>)
 
 Hydra leaves one folder per job; the questions are asked across jobs ("how does sharpness move with the rebalance
 strength?"). So every job's `result.json` (and `failed.json`, and folders with neither: still running or killed)
@@ -591,8 +591,30 @@ def log_to_wandb(df, figures: list[Path], jobs: list[JobRecord], sweep_dir: Path
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+def write_report(jobs: list[JobRecord], axes: list[str], sweep_dir: Path, mode: str | None) -> str:
+    """Build the sweep's W&B report; online, save it and return its URL; otherwise (or when saving fails) write its
+    spec next to results.parquet and say how to save it later."""
+    from .report import build_report, save, sweep_from_jobs, write_spec
+    from .tracking import WandbConfig
+
+    sweep = sweep_from_jobs(jobs, sweep_dir, axes)
+    report = build_report(sweep)
+    if WandbConfig(mode=mode or "auto").resolved_mode() == "online":
+        try:
+            return f"W&B report: {save(report)}"
+        except Exception as e:  # no network, no permission: the spec is still worth keeping
+            log.warning("saving the W&B report failed (%s); writing its spec instead", e)
+    path = write_spec(report, sweep_dir)
+    return (f"W&B report spec: {path} ({len(sweep_panels_of(report))} panels); after `wandb sync`, save it with: "
+            f"krea-collect {sweep_dir} --report --push")
+
+
+def sweep_panels_of(report) -> list:
+    return [p for block in report.blocks for p in getattr(block, "panels", [])]
+
+
 def collect(sweep_dir: Path, figures: bool = True, wandb_mode: str | None = None, quiet: bool = False,
-            metrics: list[str] | None = None):
+            metrics: list[str] | None = None, report: bool = False):
     """Write results.parquet / results.csv / figures for `sweep_dir`; return the table."""
     sweep_dir = Path(sweep_dir)
     df, jobs, axes = build_table(sweep_dir)
@@ -607,6 +629,10 @@ def collect(sweep_dir: Path, figures: bool = True, wandb_mode: str | None = None
         where = log_to_wandb(df, written, jobs, sweep_dir, wandb_mode)
         if where and not quiet:
             print(f"W&B collect run in {where}")
+    if report:
+        line = write_report(jobs, axes, sweep_dir, wandb_mode)
+        if not quiet:
+            print(line)
     return df
 
 
@@ -618,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also log a summary run in the sweep's W&B group")
     parser.add_argument("--metrics", default="", help="comma-separated metric keys to plot first, e.g. "
                         "image_stats/sharpness,cond_shift/fused/rel_l2 (default: the experiment's `headline`)")
+    parser.add_argument("--report", action="store_true", help="build the sweep's W&B report: saved online, else "
+                        "its spec written to <sweep>/report.json")
+    parser.add_argument("--push", action="store_true", help="with --report: save the spec written offline (after "
+                        "`wandb sync`) and print the report's URL")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if not args.sweep_dir.is_dir():
@@ -627,8 +657,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.sweep_dir} holds no job folders — give a sweep folder (outputs/<name>), not a job",
               file=sys.stderr)
         return 2
+    if args.push:
+        return push_report(args.sweep_dir, args.report)
     collect(args.sweep_dir, figures=not args.no_figures, wandb_mode=args.wandb,
-            metrics=[m for m in args.metrics.split(",") if m])
+            metrics=[m for m in args.metrics.split(",") if m], report=args.report)
+    return 0
+
+
+def push_report(sweep_dir: Path, asked_for_report: bool) -> int:
+    from .errors import ConfigError
+    from .report import push
+
+    if not asked_for_report:
+        print("error: --push saves a report: give --report --push", file=sys.stderr)
+        return 2
+    try:
+        print(f"W&B report: {push(sweep_dir)}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError, require
 
 # Overrides that do not change a job's result: they never enter its directory name.
-NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective", "headline")
+NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective", "headline", "report")
 NON_RESULT_PREFIXES = ("wandb.", "hydra.", "hydra/", "model.device", "model.offload")
 
 
@@ -210,6 +210,9 @@ def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
     require(len(metric_nodes) > 0, "metrics", "no metrics selected", "select some, e.g. metrics=[image_stats]")
     metrics = [instantiate(node, f"metrics.{name}") for name, node in metric_nodes.items()]
     wandb_cfg = instantiate(cfg.wandb, "wandb")
+    from .report import panel_objects
+
+    panel_objects(cfg.get("report"))  # the preset's report panels: checked now, built by `krea-collect --report`
 
     job_dir, sweep_dir, name, multirun = _locations(hydra_cfg)
     experiment = str(cfg.get("name", "default"))

@@ -220,7 +220,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
                 write_json_atomic(result_file, record)
                 failed = False
                 tracker.define_metrics(record["summary"], objective=job.objective, direction=_direction(hydra_cfg))
-                tracker.log_summary(record["summary"])
+                tracker.log_summary({**record["summary"], **per_prompt_summary(record["rows"], record["summary"])})
                 tracker.log_table("rows", record["rows"])
                 tracker.log_images(images)
             except (Interrupted, KeyboardInterrupt, SystemExit):
@@ -255,6 +255,23 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
         wandb_note += f" (upload: {where['sync']})"
     log.info("done %s in %.1fs: %s; %s", job.name, record["timings"]["total"], result_file, wandb_note)
     return objective_of(job, record["summary"])
+
+
+def per_prompt_summary(rows: list[dict], summary: dict) -> dict[str, float]:
+    """Each summary key's value per prompt (mean over the prompt's rows, i.e. its seeds), as W&B summary keys
+    `by_prompt/pNN/<metric>/<stat>`: what lets a report group a metric's bars by prompt. Only keys the job also
+    summarises, so the breakdown is of something the sweep reports."""
+    from .report import per_prompt_key
+
+    sums: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("prompt_idx") is None:
+            continue
+        for stat, value in row.items():
+            key = f"{row.get('metric')}/{stat}"
+            if key in summary and isinstance(value, (int, float)) and not isinstance(value, bool):
+                sums.setdefault(per_prompt_key(key, int(row["prompt_idx"])), []).append(float(value))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 def _direction(hydra_cfg: DictConfig | None) -> str | None:
