@@ -15,6 +15,21 @@ def require(condition: bool, key: str, problem: str, fix: str) -> None:
         raise ConfigError(key, problem, fix)
 
 
+def did_you_mean(word, choices) -> str:
+    """`did you mean 'x'? ` for the closest of `choices` to a misspelt `word`, or '' when none is close."""
+    from difflib import get_close_matches
+
+    close = get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def require_choice(value, options, key: str, what: str = "value") -> None:
+    """`value` one of `options`, or one line naming the key, the closest option and all of them."""
+    options = list(options)
+    require(value in options, key, f"unknown {what} {value!r}",
+            f"{did_you_mean(value, options)}use one of: {', '.join(str(o) for o in options)}")
+
+
 def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 

@@ -99,6 +99,12 @@ class ModelVariant:
                 "use 0 for no CFG, 4.5 for Raw (diffusers' convention: = CFG 5.5)")
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}",
                 "use auto, float32, bfloat16 or float16")
+        # allow_network only lets a hub id in model.path be fetched; with no path the synthetic model would run, which
+        # is not what someone who turned on the network meant.
+        require(not (self.allow_network and self.path is None), "model.allow_network",
+                "is true but model.path is not set, so this would run the synthetic model (allow_network only matters "
+                "when model.path is a hub id)", f"set model.path to a hub id (e.g. krea/Krea-2-Raw) or a local folder, "
+                f"or KREA2_{'TURBO' if self.name == 'turbo' else 'RAW'}_PATH")
         if self.path is not None:
             self.path = str(self.path)
             if not _looks_like_hub_id(self.path):

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, require
+from .errors import ConfigError, did_you_mean, require
 
 # Overrides that do not change a job's result: they never enter its directory name.
 NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective", "headline", "report")
@@ -71,6 +71,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("job_slug", job_slug)
     if not OmegaConf.has_resolver("study_slug"):
         OmegaConf.register_new_resolver("study_slug", study_slug)
+    if not OmegaConf.has_resolver("krea_help"):  # `python run.py --help`, read from conf/ when asked for
+        OmegaConf.register_new_resolver("krea_help", lambda: __import__("krea_sweeps.cli_help").cli_help.render())
 
 
 def instantiate(node: Any, key: str):
@@ -85,8 +87,23 @@ def instantiate(node: Any, key: str):
         if isinstance(cause, ConfigError):
             raise cause from None
         field_key = f"{key}.{field_of(cause)}" if field_of(cause) else key
+        hint = ""
+        if field_of(cause) and "unexpected keyword" in str(cause):
+            hint = did_you_mean(field_of(cause), parameters_of(node))
         raise ConfigError(field_key, f"{type(cause).__name__}: {cause}",
-                          f"check the `{field_key}` config (HYDRA_FULL_ERROR=1 shows the traceback)") from None
+                          f"{hint}check the `{field_key}` config (HYDRA_FULL_ERROR=1 shows the traceback)") from None
+
+
+def parameters_of(node: Any) -> list[str]:
+    """The keyword parameters of a config node's `_target_` (what a misspelt field is compared with)."""
+    import inspect
+
+    from hydra.utils import get_method
+
+    try:
+        return list(inspect.signature(get_method(str(node.get("_target_")))).parameters)
+    except Exception:
+        return []
 
 
 def innermost_cause(error: BaseException) -> BaseException:

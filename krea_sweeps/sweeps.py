@@ -21,7 +21,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, require
+from .errors import ConfigError, did_you_mean, require, require_choice
 from .plan import register_resolvers
 
 log = logging.getLogger("krea_sweeps")
@@ -61,11 +61,37 @@ def check_keys_compose(argv: list[str], conf_dir: Path = CONF) -> None:
         key = _failing_key(str(e), overrides)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         problem = lines[-1] if lines else type(e).__name__
+        hint = ""
         if "not in struct" in str(e) or "Could not override" in str(e):
             problem = "no such key in this config"
-        raise ConfigError(key, problem,
-                          "check the spelling (`python run.py --cfg job` lists every key; `++key=value` adds a new one)"
-                          ) from None
+            hint = did_you_mean(key, config_keys(conf_dir, [o for o in overrides if not _sets(o, key)]))
+        raise ConfigError(key, problem, f"{hint}check the spelling (`python run.py --cfg job` lists every key; "
+                          "`++key=value` adds a new one)") from None
+
+
+def _sets(override: str, key: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+~") == key
+
+
+def config_keys(conf_dir: Path, overrides: list[str]) -> list[str]:
+    """Every dotted key of the config these overrides compose (what a misspelt key is compared with)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except Exception:
+        return []
+    return dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+
+
+def dotted_keys(node, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in (node.items() if isinstance(node, dict) else []):
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.append(key)
+        out += dotted_keys(v, key)
+    return out
 
 
 def _is_sweep_axis(arg: str) -> bool:
@@ -94,7 +120,7 @@ def check_group_options(argv: list[str], conf_dir: Path = CONF) -> None:
             continue
         options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml") if not p.stem.startswith("_"))
         for name in _option_names(value):
-            require(name in options, group, f"unknown option {name!r}", f"choose one of: {', '.join(options)}")
+            require_choice(name, options, group, "option")
         if group in ("experiment", "hparams_search") and not key.startswith(("+", "~")):
             raise ConfigError(group, f"`{arg}` needs a leading +", f"write +{arg} (it is not in the defaults list)")
 
@@ -158,8 +184,10 @@ def check_sweep(config: DictConfig) -> None:
             job_cfg = loader.load_sweep_config(config, job_overrides)
         except Exception as e:
             bad = _bad_key(str(e), list(job))
+            hint = did_you_mean(bad, dotted_keys(OmegaConf.to_container(config, resolve=False))) \
+                if "not in struct" in str(e) or "Could not override" in str(e) else ""
             raise ConfigError(bad, f"this sweep cannot be composed ({str(e).splitlines()[0].strip()})",
-                              "check the key and value (`python run.py --cfg job` lists the keys); "
+                              f"{hint}check the key and value (`python run.py --cfg job` lists the keys); "
                               "prefix + to add a new key") from None
         try:
             check_job(job_cfg, optuna=is_optuna)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import require
+from .errors import require_choice
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ class WandbConfig:
     log_images: bool = True
 
     def __post_init__(self):
-        require(self.mode in ("auto", "online", "offline", "disabled"), "wandb.mode", f"unknown mode {self.mode!r}",
-                "use auto, online, offline or disabled")
+        require_choice(self.mode, ("auto", "online", "offline", "disabled"), "wandb.mode", "mode")
 
     def resolved_mode(self) -> str:
         """`auto` is online with an API key; online falls back to offline (once per process, one line) when the

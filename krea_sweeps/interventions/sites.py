@@ -20,7 +20,7 @@ import math
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError, require, require_choice
 from ..synthetic import SELECT_LAYERS
 
 NUM_SLOTS = len(SELECT_LAYERS)
@@ -101,8 +101,7 @@ def finite(values: Any, key: str) -> None:
 
 
 def choice(value: Any, options: Iterable[str], key: str) -> str:
-    options = tuple(options)
-    require(value in options, key, f"unknown value {value!r}", f"use one of {', '.join(options)}")
+    require_choice(value, tuple(options), key)
     return value
 
 
