@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .interventions.sites import NUM_SLOTS
+from .metrics.figures import label, plot_against
 from .synthetic import SELECT_LAYERS
 
 log = logging.getLogger("krea_sweeps.collect")
@@ -320,16 +321,14 @@ def fig_metric_vs_key(df, per_job, axes: list[str], out: Path, headline: list[st
             break
         hue = next((a for a in axes if a != key and a in per_job.columns), None)
         fig, panels = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
-        groups = per_job.groupby(hue, sort=False) if hue else [(None, per_job)]
+        groups = list(per_job.groupby(hue, sort=False)) if hue else [(None, per_job)]
         for ax, metric in zip(panels[0], metrics):
-            for name, group in groups:
+            for i, (name, group) in enumerate(groups):
                 xs, order = _axis_values(group[key])
                 ys = group[metric].to_numpy()[order]
-                ax.plot(range(len(xs)) if not _numeric(xs) else xs, ys, "o-", label=None if hue is None else f"{name}")
-                if not _numeric(xs):
-                    ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=45, ha="right", fontsize=7)
-            ax.set_title(metric, fontsize=8)
-            ax.set_xlabel(key, fontsize=8)
+                offset = (i - (len(groups) - 1) / 2) * 0.08
+                plot_against(ax, xs, ys, label_text=None if hue is None else f"{name}", offset=offset)
+            label(ax, key, metric.rsplit("/", 1)[-1], metric)
             if hue:
                 ax.legend(title=hue, fontsize=6, title_fontsize=6)
         written.append(save_figure(fig, out / f"metric_vs_{_safe(key)}.png"))
@@ -372,7 +371,7 @@ def fig_per_slot(per_job, df, out: Path) -> Path | None:
             ax = panels[r][c]
             ax.bar(range(len(slots)), table.loc[names, metric].to_numpy(dtype=float), color="#4477aa")
             ax.set_xticks(range(len(slots)), labels, fontsize=7)
-            ax.set_title(f"{kind}: {metric}", fontsize=8)
+            label(ax, "slot (its encoder layer)", metric.rsplit("/", 1)[-1], f"{kind}: {metric}")
     return save_figure(fig, out / "per_slot.png")
 
 
@@ -395,17 +394,20 @@ def fig_attention_grid(jobs: list[JobRecord], labels: dict[str, str], out: Path)
     blocks = max(m.shape[0] for _, m in maps)
     fig, panels = plt.subplots(len(maps), blocks, figsize=(3 * blocks, 2.8 * len(maps)), squeeze=False)
     ticks = [f"L{l}" for l in SELECT_LAYERS]
+    vmax = max(max(float(m.max()) for _, m in maps), 1e-9)  # one colour scale for all panels, so they compare
+    image = None
     for r, (job, m) in enumerate(maps):
         for b in range(blocks):
             ax = panels[r][b]
             if b >= m.shape[0]:
                 ax.axis("off")
                 continue
-            ax.imshow(m[b], vmin=0, vmax=max(float(m.max()), 1e-9), cmap="viridis")
+            image = ax.imshow(m[b], vmin=0, vmax=vmax, cmap="viridis")
             ax.set_xticks(range(NUM_SLOTS), ticks, rotation=90, fontsize=5)
             ax.set_yticks(range(NUM_SLOTS), ticks, fontsize=5)
-            ax.set_title(f"{labels.get(job.name, job.name)[:40]} · block {b}", fontsize=7)
-    return save_figure(fig, out / "attention_grid.png")
+            label(ax, "key layer", "query layer", f"{labels.get(job.name, job.name)[:40]} · block {b}", fontsize=7)
+    fig.colorbar(image, ax=panels, shrink=0.8, label="mean attention probability")
+    return save_figure(fig, out / "attention_grid.png", tight=False)
 
 
 def stock_images(job: JobRecord, sweep_dir: Path) -> dict[int, np.ndarray]:
@@ -450,23 +452,29 @@ def fig_contact_sheet(jobs: list[JobRecord], labels: dict[str, str], sweep_dir: 
         return None
     plt = _plt()
     prompts = done[0].prompts
-    fig, panels = plt.subplots(rows, len(columns), figsize=(1.6 * len(columns) + 1, 1.6 * rows + 0.6), squeeze=False)
-    for c, (label, images) in enumerate(columns):
+    cell = 2.4  # inches at 110 dpi: ≥ 256 px per image
+    fig, panels = plt.subplots(rows, len(columns), figsize=(cell * len(columns) + 1.6, cell * rows + 0.6), squeeze=False)
+    for c, (title, images) in enumerate(columns):
         for r in range(rows):
             ax = panels[r][c]
-            ax.axis("off")
+            ax.set_xticks([])
+            ax.set_yticks([])
             if r in images:
-                ax.imshow(np.clip(images[r], 0, 1))
+                ax.imshow(np.clip(images[r], 0, 1), interpolation="nearest")
             if r == 0:
-                ax.set_title(label[:28], fontsize=6)
+                ax.set_title(title[:32], fontsize=7)
             if c == 0 and r < len(prompts):
-                ax.text(-0.05, 0.5, prompts[r][:30], transform=ax.transAxes, ha="right", va="center", fontsize=5)
+                ax.set_ylabel(f"p{r:02d}: {prompts[r][:34]}", fontsize=6)
+    fig.supxlabel("job (swept value)", fontsize=8)
+    fig.supylabel("prompt", fontsize=8)
     return save_figure(fig, out / "contact_sheet.png")
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Lay out, write (110 dpi) and release a figure: many per sweep, so none may stay open."""
-    fig.tight_layout()
+def save_figure(fig, path: Path, tight: bool = True) -> Path:
+    """Lay out, write (110 dpi) and release a figure: many per sweep, so none may stay open. (`tight=False` for a
+    figure with a colour bar spanning its panels, which tight_layout cannot place.)"""
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path

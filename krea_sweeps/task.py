@@ -262,18 +262,6 @@ def produce_images(ctx: JobContext) -> None:
         save_png(job.job_dir / "images" / f"p{p:02d}_s{s}.png", image)
 
 
-def contact_sheet(images: dict[tuple[int, int], np.ndarray], prompts: int, seeds: list[int]) -> np.ndarray:
-    """Rows = prompts, columns = seeds, 2-pixel white gutters."""
-    first = next(iter(images.values()))
-    h, w, _ = first.shape
-    g = 2
-    sheet = np.ones((prompts * (h + g) - g, len(seeds) * (w + g) - g, 3), dtype=np.float32)
-    for (p, s), img in images.items():
-        c = seeds.index(s)
-        sheet[p * (h + g) : p * (h + g) + h, c * (w + g) : c * (w + g) + w] = img
-    return sheet
-
-
 def execute(job: Job) -> dict:
     """Run one planned job and return its record (not yet written)."""
     import torch
@@ -308,7 +296,9 @@ def execute(job: Job) -> dict:
         for intervention in job.interventions:  # what interventions learned while attached (steer consistency)
             summary.update(intervention.report())
     if ctx.images:
-        sheet = contact_sheet(ctx.images, len(job.prompts), job.seeds)
+        from .metrics.figures import labelled_contact_sheet
+
+        sheet = labelled_contact_sheet(ctx.images, job.prompts, job.seeds, sheet_title(job))
         save_png(job.job_dir / "contact_sheet.png", sheet)
         images["contact_sheet"] = (sheet, f"{job.name}: rows = prompts, cols = seeds {job.seeds}")
         for (p, s), img in ctx.images.items():
@@ -324,6 +314,14 @@ def execute(job: Job) -> dict:
         "interventions": [i.describe() for i in job.interventions],  # after the run: includes what attach learned
         "encode_cache": {"hits": cache.hits - hits_before, "misses": cache.misses - misses_before},
     }
+
+
+def sheet_title(job: Job) -> str:
+    """What a contact sheet shows: the intervention as applied, the variant, and whether it is the synthetic model."""
+    label = intervention_label(job)
+    what = "stock" if job.is_stock else label
+    synthetic = " (synthetic Krea 2: images look alike by design)" if job.variant.synthetic else ""
+    return f"{what} | {job.variant.name}{synthetic}"
 
 
 def intervention_label(job: Job) -> str:

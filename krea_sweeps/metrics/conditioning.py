@@ -178,7 +178,7 @@ class ProjectorWeights(Metric):
             series[f"reference ({self.reference})"] = ref
         from .figures import bars
 
-        images = {"projector/weights": (bars(series, labels, "projector weights"), caption(ctx, "projector weights"))}
+        images = {"projector/weights": (bars(series, labels, "projector weights", ylabel="projector weight"), caption(ctx, "projector weights"))}
         return MetricOutput(summary=summary, rows=rows, arrays=arrays, images=images)
 
 

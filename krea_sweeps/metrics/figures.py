@@ -40,7 +40,8 @@ def heatmap(matrix: np.ndarray, title: str, xlabels: list[str] | None = None, yl
     return _render(fig)
 
 
-def heatmap_grid(maps: np.ndarray, title: str, labels: list[str], names: list[str]) -> np.ndarray:
+def heatmap_grid(maps: np.ndarray, title: str, labels: list[str], names: list[str], xlabel: str = "key",
+                 ylabel: str = "query") -> np.ndarray:
     """Several small maps (e.g. one per head) on one shared colour scale."""
     n = len(maps)
     cols = min(n, 5)
@@ -60,10 +61,13 @@ def heatmap_grid(maps: np.ndarray, title: str, labels: list[str], names: list[st
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.6)
     fig.suptitle(title, fontsize=9)
+    fig.supxlabel(xlabel, fontsize=8)
+    fig.supylabel(ylabel, fontsize=8)
     return _render(fig)
 
 
-def bars(series: dict[str, np.ndarray], labels: list[str], title: str) -> np.ndarray:
+def bars(series: dict[str, np.ndarray], labels: list[str], title: str, xlabel: str = "tapped encoder layer",
+         ylabel: str = "value") -> np.ndarray:
     """Grouped bars, one group per label (e.g. projector weights per layer: stock, effective, reference)."""
     fig = _figure(6.0, 3.4)
     ax = fig.add_subplot()
@@ -73,6 +77,86 @@ def bars(series: dict[str, np.ndarray], labels: list[str], title: str) -> np.nda
         ax.bar(x + (i - (len(series) - 1) / 2) * width, np.asarray(values, dtype=np.float64), width, label=name)
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xticks(x, labels, fontsize=7)
-    ax.set_title(title, fontsize=9)
+    label(ax, xlabel, ylabel, title, fontsize=9)
     ax.legend(fontsize=7)
     return _render(fig)
+
+
+# ------------------------------------------------------------------------------------------------ contact sheets
+MIN_CELL = 256  # px per image on a sheet: the synthetic model's 64² images are upsampled (nearest) to be seen
+SHEET_LABEL_W, SHEET_TOP, SHEET_GAP = 230, 56, 4  # prompt column width, title + seed header height, gutter (px)
+
+
+def labelled_contact_sheet(images: dict[tuple[int, int], np.ndarray], prompts: list[str], seeds: list[int],
+                           title: str, min_cell: int = MIN_CELL) -> np.ndarray:
+    """Rows = prompts, columns = seeds, each image at least `min_cell` px (integer nearest-neighbour upsampling,
+    so pixels stay pixels), with the intervention as a title, `seed N` over each column and the prompt beside each
+    row. Drawn with PIL, not matplotlib: one per job, so it must cost milliseconds."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    first = next(iter(images.values()))
+    h, w = first.shape[:2]
+    scale = max(1, -(-min_cell // min(h, w)))  # ceil: at least min_cell on the short side
+    ch, cw = h * scale, w * scale
+    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=13)
+    label_w, top, gap = SHEET_LABEL_W, SHEET_TOP, SHEET_GAP
+    rows = max((p for p, _ in images), default=0) + 1
+    sheet = Image.new("RGB", (label_w + len(seeds) * (cw + gap), top + rows * (ch + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((8, 6), _fit(draw, title, font, sheet.width - 16), fill="black", font=font)
+    for c, seed in enumerate(seeds):
+        draw.text((label_w + c * (cw + gap) + 4, top - 20), f"seed {seed}", fill="black", font=small)
+    for p in range(rows):
+        y = top + p * (ch + gap)
+        text = prompts[p] if p < len(prompts) else f"prompt {p}"
+        for i, line in enumerate(_wrap(draw, f"p{p:02d}: {text}", small, label_w - 12)[: max(1, ch // 17)]):
+            draw.text((6, y + 4 + 17 * i), line, fill="black", font=small)
+    for (p, seed), image in images.items():
+        pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        cell = Image.fromarray(pixels).resize((cw, ch), Image.NEAREST)
+        sheet.paste(cell, (label_w + seeds.index(seed) * (cw + gap), top + p * (ch + gap)))
+    return np.asarray(sheet, dtype=np.float32) / 255.0
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + ([line] if line else [])
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…"
+    return text
+
+
+# ------------------------------------------------------------------------------------------ labelling (collect too)
+def label(ax, xlabel: str, ylabel: str, title: str | None = None, fontsize: int = 8) -> None:
+    """Every figure names both axes (and says what it shows)."""
+    ax.set_xlabel(xlabel, fontsize=fontsize)
+    ax.set_ylabel(ylabel, fontsize=fontsize)
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+
+
+def is_numeric(values) -> bool:
+    return all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
+
+
+def plot_against(ax, xs, ys, label_text: str | None = None, offset: float = 0.0) -> None:
+    """y against a swept value: a line over a numeric axis; over a categorical one (rebalance → tap_scale, raw →
+    turbo) points at evenly spaced category ticks, never joined — a line between categories would suggest an order
+    and an in-between that do not exist. `offset` nudges one series so several stay visible on one category."""
+    if is_numeric(xs):
+        ax.plot(xs, ys, "o-", label=label_text)
+        return
+    categories = list(dict.fromkeys(str(x) for x in xs))
+    positions = [categories.index(str(x)) + offset for x in xs]
+    ax.plot(positions, ys, "o", linestyle="none", label=label_text)
+    ax.set_xticks(range(len(categories)), categories, rotation=45, ha="right", fontsize=7)
