@@ -644,7 +644,7 @@ def collect(sweep_dir: Path, figures: bool = True, wandb_mode: str | None = None
     return df
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="krea-collect", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep folder, e.g. outputs/solo_sweep")
     parser.add_argument("--no-figures", action="store_true", help="write only the table")
@@ -656,7 +656,11 @@ def main(argv: list[str] | None = None) -> int:
                         "its spec written to <sweep>/report.json")
     parser.add_argument("--push", action="store_true", help="with --report: save the spec written offline (after "
                         "`wandb sync`) and print the report's URL")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir} is not a folder — give a sweep folder, e.g. outputs/solo_sweep", file=sys.stderr)
