@@ -41,7 +41,9 @@ REDUCED = {
 
 
 def env(**extra) -> dict:
-    return {"PYTHONPATH": TESTS, "OMP_NUM_THREADS": "1", **extra}
+    # the checkout under test first: job processes a launcher starts (submitit) import krea_sweeps from here, not
+    # from wherever the package happens to be installed
+    return {"PYTHONPATH": os.pathsep.join([TESTS, str(REPO)]), "OMP_NUM_THREADS": "1", **extra}
 
 
 def run_many(commands: list[list[str]], cwd: Path, workers: int = 2) -> list[subprocess.CompletedProcess]:
