@@ -22,8 +22,9 @@ from .errors import ConfigError, require
 
 REPORT_FILE = "report.json"
 PANEL_MODULE = __name__ + "."
-# Sweep axes that are config-group choices: the W&B config key that carries the choice in every job's run.
-GROUP_KEYS = {"model": "variant", "intervention": "intervention.kind", "prompts": "prompts.name"}
+# Sweep axes that are config-group choices: the W&B config key that carries the choice in every job's run. A list
+# of interventions has no one key that tells its values apart: its bars are one per run (named by what ran).
+GROUP_KEYS = {"model": "variant", "intervention": "intervention.kind", "prompts": "prompts.name", "interventions": None}
 
 
 # --------------------------------------------------------------------------------------------- what a sweep is
@@ -48,8 +49,11 @@ class SweepInfo:
         return next((a for a in self.axes if not a.startswith("search.")), None)
 
 
-def wandb_key(axis: str) -> str:
-    """The W&B config key a swept override ends up under (`model` → `variant`, `intervention.slot` as is)."""
+def wandb_key(axis: str | None) -> str | None:
+    """The W&B config key a swept override ends up under (`model` → `variant`, `intervention.slot` as is); None: one
+    bar per run."""
+    if axis is None:
+        return None
     return GROUP_KEYS.get(axis.lstrip("+~"), axis.lstrip("+~"))
 
 
@@ -79,15 +83,16 @@ class MetricVsAxis:
         import wandb_workspaces.reports.v2 as wr
 
         axis = self.axis or sweep.first_axis
+        key = wandb_key(axis)
         title = self.title or (f"{self.metric} vs {axis}" if axis else self.metric)
-        if self.plot == "scatter" and axis:
-            return [wr.ScatterPlot(title=title, x=wr.Config(wandb_key(axis)), y=wr.SummaryMetric(self.metric))]
+        if self.plot == "scatter" and key:
+            return [wr.ScatterPlot(title=title, x=wr.Config(key), y=wr.SummaryMetric(self.metric))]
         series = [self.metric] + [per_prompt_key(self.metric, p) for p in range(len(sweep.prompts))]
         names = {self.metric: "all prompts"}
         names.update({per_prompt_key(self.metric, p): f"p{p:02d} {text[:40]}" for p, text in enumerate(sweep.prompts)})
         return [wr.BarPlot(title=title, metrics=[wr.SummaryMetric(s) for s in series], orientation="v",
-                           groupby=wr.Config(wandb_key(axis)) if axis else None,
-                           groupby_aggfunc="mean" if axis else None, groupby_rangefunc="stderr" if axis else None,
+                           groupby=wr.Config(key) if key else None,
+                           groupby_aggfunc="mean" if key else None, groupby_rangefunc="stderr" if key else None,
                            line_titles=names, title_x=axis, title_y=self.metric)]
 
 

@@ -83,10 +83,13 @@ def test_every_preset_gets_a_report_with_its_panels_keys_and_group_filter(group,
         assert accessors == [f"config:search.value.g{i}" for i in range(12)] + ["summary:objective"]
     if sweep.images:
         assert "contact_sheet" in keys, "a sweep that makes images shows them"
+    from krea_sweeps.report import wandb_key
+
     axis = sweep.first_axis
-    if axis and not sweep.optuna:
+    if wandb_key(axis) and not sweep.optuna:
         bars = [p for p in panels if p["viewType"] == "Bar Chart"]
-        assert bars and all(b["config"].get("groupBy") for b in bars), "bars grouped by the swept value"
+        assert all(b["config"].get("groupBy") for b in bars), "bars grouped by the swept value"
+        assert bars or not sweep.headline, "a headline metric is plotted against the swept value"
     # the metrics the panels plot are keys the preset's metrics report
     job = plan(composed(group, name, first_job=True))
     from krea_sweeps.metrics.base import key_matches
@@ -110,6 +113,14 @@ def test_default_report_for_a_preset_without_panels():
     assert bar["metrics"] == ["summary_metrics.image_stats/sharpness", "summary_metrics.by_prompt/p00/image_stats/"
                               "sharpness", "summary_metrics.by_prompt/p01/image_stats/sharpness"]
     assert bar["groupBy"] == "intervention.value.strength" and bar["groupAgg"] == "mean"
+
+
+def test_a_swept_list_of_interventions_gets_one_bar_per_run():
+    from krea_sweeps.report import SweepInfo, build_report, report_spec
+
+    sweep = SweepInfo(group="lists", axes=["interventions"], headline=["image_stats/sharpness"], prompts=["a"])
+    (bar, _) = panels_in(report_spec(build_report(sweep)))
+    assert bar["viewType"] == "Bar Chart" and "groupBy" not in bar["config"]
 
 
 def test_a_report_panel_from_a_config_must_be_ours():
