@@ -42,12 +42,13 @@ def discard_unused_job_dir(path: str) -> None:
 
 
 def exit_with_failures() -> None:
-    from krea_sweeps.runner import FAILED_JOBS
+    from krea_sweeps.session import current_session
 
-    if FAILED_JOBS:
-        print(f"{len(FAILED_JOBS)} job(s) failed (see failed.json in each job dir; rerun the same command to "
+    failed = current_session().failed_jobs
+    if failed:
+        print(f"{len(failed)} job(s) failed (see failed.json in each job dir; rerun the same command to "
               "retry only these):", file=sys.stderr)
-        for line in FAILED_JOBS:
+        for line in failed:
             print(f"  - {line}", file=sys.stderr)
         sys.exit(1)
 

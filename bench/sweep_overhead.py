@@ -228,10 +228,9 @@ def naive_loop(job_overrides: list[list[str]], fresh_parts) -> dict:
 
 
 def synthetic_fresh_parts(job):
-    from krea_sweeps.models import LoadedModel, clear_cache
+    from krea_sweeps.models import LoadedModel
 
-    clear_cache()
-    model = LoadedModel(job.variant)
+    model = LoadedModel(job.variant)  # its own, empty model cache: every part loads afresh
     return model.pipeline(), model.device
 
 
@@ -308,13 +307,16 @@ def main_full(args) -> dict:
 
     # Serve the full-size random parts under the keys the sweep's variant will ask the model cache for.
     job = compose_job([f"{args.sweep_key}={values[0]}", *fixed])
-    model = models.LoadedModel(job.variant)
+    from krea_sweeps.session import current_session
+
+    cache = current_session().models  # the session run.py's jobs will use in this process
+    model = models.LoadedModel(job.variant, cache)
     parts = full_parts(device, dtype)
     src = model.sources
-    models._CACHE[model._key("tokenizer", src.tokenizer)] = parts["tokenizer"]
-    models._CACHE[model._key("text_encoder", src.text_encoder)] = parts["text_encoder"]
-    models._CACHE[model._key("transformer", src.transformer, src.lora)] = parts["transformer"]
-    models._CACHE[model._key("vae", src.vae)] = parts["vae"]
+    cache.parts[model._key("tokenizer", src.tokenizer)] = parts["tokenizer"]
+    cache.parts[model._key("text_encoder", src.text_encoder)] = parts["text_encoder"]
+    cache.parts[model._key("transformer", src.transformer, src.lora)] = parts["transformer"]
+    cache.parts[model._key("vae", src.vae)] = parts["vae"]
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["KREA_SWEEPS_PROGRESS"] = "0"
         t = time.perf_counter()

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError, as_float, as_int, require
+from .memory import (OFFLOAD_MODES, Activations, JobMemory, ModelCache, PartSize, part_size_from_safetensors,
+                     safetensors_files)
 from .synthetic import (SELECT_LAYERS, SCHEDULER_CONFIG, SYNTHETIC_VERSION, ensure_synthetic_checkpoints,
                         synthetic_root)
 
@@ -31,8 +33,6 @@ TEXT_PATH_PREFIXES = ("txtfusion.", "txtmlp.", "text_fusion.", "txt_in.")
 # Where checkpoints keep the [1, 12] projector: original/ComfyUI names (three prefixes) and diffusers' name.
 PROJECTOR_KEYS = ("txtfusion.projector.weight", "model.diffusion_model.txtfusion.projector.weight",
                   "diffusion_model.txtfusion.projector.weight", "text_fusion.projector.weight")
-_CACHE: dict[tuple, Any] = {}
-LOAD_COUNTS: dict[str, int] = {}  # part -> number of real loads this process (tests read it)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -84,7 +84,8 @@ class ModelVariant:
     device: str = "auto"
     dtype: str = "auto"
     allow_network: bool = False
-    offload: bool = False
+    offload: Any = "none"
+    memory_budget_gb: Any = "auto"
     select_layers: list[int] = field(default_factory=lambda: list(SELECT_LAYERS))
 
     def __post_init__(self):
@@ -105,6 +106,15 @@ class ModelVariant:
                 "is true but model.path is not set, so this would run the synthetic model (allow_network only matters "
                 "when model.path is a hub id)", f"set model.path to a hub id (e.g. krea/Krea-2-Raw) or a local folder, "
                 f"or KREA2_{'TURBO' if self.name == 'turbo' else 'RAW'}_PATH")
+        self.offload = _offload_mode(self.offload)
+        if self.offload != "none":
+            require(resolve_device(self.device).type != "cpu", "model.offload",
+                    f"offload={self.offload} moves parts between CPU memory and an accelerator, but this job runs on "
+                    f"the CPU (model.device={self.device})", "use model.offload=none (or run on a GPU machine)")
+        if self.memory_budget_gb not in (None, "auto"):
+            self.memory_budget_gb = as_float(self.memory_budget_gb, "model.memory_budget_gb")
+            require(self.memory_budget_gb > 0, "model.memory_budget_gb", f"{self.memory_budget_gb} GB",
+                    "give a positive number of GB, or auto (90% of the device)")
         if self.path is not None:
             self.path = str(self.path)
             if not _looks_like_hub_id(self.path):
@@ -158,6 +168,16 @@ def _files_identity(sources: "Sources") -> dict:
 
     parts = ("transformer", "transformer_config", "text_encoder", "tokenizer", "vae", "lora")
     return {part: file_identity(getattr(sources, part)) for part in parts}
+
+
+def _offload_mode(value) -> str:
+    """`none|model|group|sequential`; `false`/`true` stay accepted as `none`/`model` (the earlier boolean key)."""
+    if isinstance(value, bool) or value is None:
+        return "model" if value else "none"
+    require(value in OFFLOAD_MODES, "model.offload", f"unknown offload mode {value!r}",
+            "use none, model (a part at a time), group (a block at a time: 24 GB cards) or sequential (a layer at a "
+            "time; slowest)")
+    return str(value)
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -216,15 +236,6 @@ def _absolute(path: str | None) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
-def _cached(key: tuple, build):
-    if key not in _CACHE:
-        part = key[0]
-        log.info("loading %s from %s", part, key[1])
-        _CACHE[key] = build()
-        LOAD_COUNTS[part] = LOAD_COUNTS.get(part, 0) + 1
-    return _CACHE[key]
-
-
 def _freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     return module.eval()
@@ -235,31 +246,44 @@ def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
     return module if device.type == "cpu" else module.to(device)
 
 
-def clear_cache() -> None:
-    _CACHE.clear()
-    LOAD_COUNTS.clear()
-
-
 class LoadedModel:
-    """Lazy access to one variant's parts; each part is loaded at first use and then shared process-wide."""
+    """Lazy access to one variant's parts; each part is loaded at first use into `cache` (the session's model cache,
+    shared by every job of the process; a fresh one when none is given) and served from there after."""
 
-    def __init__(self, variant: ModelVariant):
+    def __init__(self, variant: ModelVariant, cache: ModelCache | None = None):
         self.variant = variant
+        self.cache = cache if cache is not None else ModelCache()
         self.sources = sources_for(variant)
         self.device = resolve_device(variant.device)
         # With offload, parts stay in CPU memory; diffusers' offload hooks move each to the GPU only while it runs.
-        self.load_device = torch.device("cpu") if variant.offload else self.device
+        self.load_device = torch.device("cpu") if variant.offload != "none" else self.device
         self.dtype = resolve_dtype(variant.dtype, self.device)
         self._local = not variant.allow_network
 
     def _key(self, part: str, source: str, *extra) -> tuple:
         return (part, source, str(self.device), str(self.dtype), *extra)
 
+    def _cached(self, key: tuple, build):
+        return self.cache.get(key, build, self._estimate_bytes(key[0]))
+
+    def _estimate_bytes(self, part: str) -> int:
+        """Bytes the part will take once loaded, from its safetensors headers (0 when they cannot be read), so the
+        cache makes room before loading rather than after."""
+        from .memory import DTYPE_BYTES
+
+        if part not in PART_FILES:
+            return 0
+        try:
+            size = part_size(self.sources, part)
+        except Exception:  # unreadable headers: the loader reports it
+            return 0
+        return size.params * DTYPE_BYTES[str(self.dtype).removeprefix("torch.")]
+
     @property
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return _cached(self._key("tokenizer", self.sources.tokenizer),
+        return self._cached(self._key("tokenizer", self.sources.tokenizer),
                        lambda: AutoTokenizer.from_pretrained(self.sources.tokenizer, local_files_only=self._local))
 
     @property
@@ -273,7 +297,7 @@ class LoadedModel:
                                                  local_files_only=self._local)
             return _freeze(_to_device(model, self.load_device))
 
-        return _cached(self._key("text_encoder", self.sources.text_encoder), build)
+        return self._cached(self._key("text_encoder", self.sources.text_encoder), build)
 
     @property
     def transformer(self):
@@ -284,7 +308,7 @@ class LoadedModel:
                 self._attach_lora(model)
             return model
 
-        model = _cached(self._key("transformer", self.sources.transformer, self.sources.lora), build)
+        model = self._cached(self._key("transformer", self.sources.transformer, self.sources.lora), build)
         self._apply_lora_strength(model)
         return model
 
@@ -311,10 +335,10 @@ class LoadedModel:
         the full DiT's (peft's LoRA layers, at this variant's strength); the slice-read holds base weights only."""
         if self.lora_touches_text_path:
             return TextPath.of(self.transformer)
-        full_key = self._key("transformer", self.sources.transformer, self.sources.lora)
-        if full_key in _CACHE:
-            return TextPath.of(_CACHE[full_key])
-        return _cached(self._key("text_path", self.sources.transformer), self._load_text_path)
+        full = self.cache.peek(self._key("transformer", self.sources.transformer, self.sources.lora))
+        if full is not None:
+            return TextPath.of(full)
+        return self._cached(self._key("text_path", self.sources.transformer), self._load_text_path)
 
     @property
     def vae(self):
@@ -325,7 +349,7 @@ class LoadedModel:
                                                            local_files_only=self._local)
             return _freeze(_to_device(model, self.load_device))
 
-        return _cached(self._key("vae", self.sources.vae), build)
+        return self._cached(self._key("vae", self.sources.vae), build)
 
     def pipeline(self):
         """diffusers' `Krea2Pipeline` over the cached parts (cheap: it only wires them together)."""
@@ -341,8 +365,7 @@ class LoadedModel:
             is_distilled=self.variant.is_distilled,
         )
         pipe.set_progress_bar_config(disable=True)
-        if self.variant.offload:
-            pipe.enable_model_cpu_offload()
+        enable_offload(pipe, self.variant.offload, self.device)
         return pipe
 
     # ---- transformer loading paths
@@ -397,6 +420,90 @@ class LoadedModel:
         state_dict = Krea2Pipeline.lora_state_dict(self.sources.lora)
         Krea2Pipeline.load_lora_into_transformer(state_dict, transformer=model, adapter_name="turbo")
         model.requires_grad_(False)
+
+
+def enable_offload(pipe, mode: str, device: torch.device) -> None:
+    """diffusers' offload for `model.offload`: `model` moves a whole part to `device` while it runs
+    (`enable_model_cpu_offload`), `group` one block at a time with the next one prefetched on a CUDA stream
+    (`enable_group_offload`), `sequential` one layer at a time (`enable_sequential_cpu_offload`)."""
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "group":
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                                  num_blocks_per_group=1, use_stream=device.type == "cuda")
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+
+
+PART_FILES = {  # the safetensors files each part is read from (only their headers are read here)
+    "text_encoder": lambda src: safetensors_files(src.text_encoder),
+    "vae": lambda src: safetensors_files(src.vae),
+    "transformer": lambda src: safetensors_files(src.transformer if src.transformer.endswith(".safetensors")
+                                                 else str(Path(src.transformer) / "transformer")),
+    "text_path": lambda src: text_path_files(src.transformer),
+}
+
+
+def part_size(sources: Sources, part: str) -> PartSize:
+    """A part's parameter counts from its checkpoint headers: what `memory` needs, with nothing loaded."""
+    return part_size_from_safetensors(PART_FILES[part](sources), TEXT_PATH_PREFIXES if part == "text_path" else None)
+
+
+def job_parts(needs: frozenset) -> tuple[str, ...]:
+    """The weighty parts a job with these metric needs loads: generation needs all three, conditioning the encoder
+    and (for text-path metrics) the DiT's text path only."""
+    if "images" in needs:
+        return ("text_encoder", "transformer", "vae")
+    return ("text_encoder", "text_path") if "text_path" in needs else ("text_encoder",)
+
+
+def job_activations(variant: ModelVariant, sampler, batch: int) -> Activations | None:
+    """The activation geometry from the variant's config files (no weights read); None when they are not local."""
+    from .synthetic import TRANSFORMER_CONFIG, VAE_CONFIG
+
+    if variant.synthetic:
+        dit, vae = TRANSFORMER_CONFIG, VAE_CONFIG
+    else:
+        sources = sources_for(variant, ensure=False)
+        dit_file = (Path(sources.transformer_config) if variant.is_single_file
+                    else Path(sources.transformer) / "transformer") / "config.json"
+        vae_file = Path(sources.vae) / "config.json"
+        if not (dit_file.is_file() and vae_file.is_file()):
+            return None
+        dit, vae = json.loads(dit_file.read_text()), json.loads(vae_file.read_text())
+    hidden = dit.get("num_attention_heads", 48) * dit.get("attention_head_dim", 128)
+    return Activations(height=sampler.height, width=sampler.width, text_tokens=sampler.max_sequence_length,
+                       dit_hidden=hidden, dit_mlp_ratio=dit.get("intermediate_size", 16384) / hidden,
+                       vae_base_dim=vae.get("base_dim", 96), batch=batch)
+
+
+def job_memory(variant: ModelVariant, sampler, needs: frozenset, seeds: int) -> JobMemory:
+    """What a job will hold: its parts' sizes from checkpoint headers (none when they are not on disk yet: the
+    synthetic model before its first build, a hub id), its activation geometry, the device's budget."""
+    from .memory import DTYPE_BYTES, budget_bytes
+
+    device = resolve_device(variant.device)
+    sources = sources_for(variant, ensure=False)
+    try:
+        parts = {part: part_size(sources, part) for part in job_parts(needs)}
+    except Exception:
+        parts = None
+    batch = seeds if getattr(sampler, "batch_seeds", False) else 1
+    activations = job_activations(variant, sampler, batch) if "images" in needs else None
+    dtype_bytes = DTYPE_BYTES[str(resolve_dtype(variant.dtype, device)).removeprefix("torch.")]
+    return JobMemory(parts, dtype_bytes, variant.offload, activations, budget_bytes(variant.memory_budget_gb, device),
+                     str(device))
+
+
+def check_memory(variant: ModelVariant, sampler, needs: frozenset, seeds: int) -> None:
+    """Before any load: refuse, in one line, a job whose estimated peak exceeds what the device offers in the
+    chosen offload mode, naming a mode that fits. Skipped when the headers are not on disk yet: the loader then
+    reports what is missing."""
+    memory = job_memory(variant, sampler, needs, seeds)
+    if memory.parts is None:
+        log.debug("memory estimate skipped: checkpoint headers not readable yet")
+        return
+    memory.check()
 
 
 def text_path_files(source: str) -> list[str]:

@@ -246,14 +246,3 @@ class EncodeCache:
                 self.hits += 1
             out.append(self.memory[k])
         return Encoded.cat(out)
-
-
-_ENCODE_CACHES: dict[str, EncodeCache] = {}
-
-
-def encode_cache(folder: Path | None) -> EncodeCache:
-    """One cache per folder per process (the sweep's folder), shared by the jobs of a multirun."""
-    key = str(folder)
-    if key not in _ENCODE_CACHES:
-        _ENCODE_CACHES[key] = EncodeCache(folder)
-    return _ENCODE_CACHES[key]

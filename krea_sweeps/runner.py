@@ -26,13 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .plan import Job, plan
+from .session import Session, current_session
 from .task import SYNTHETIC_WARNING, execute, intervention_label, job_fingerprint, versions, write_json_atomic
 
 log = logging.getLogger("krea_sweeps")
-
-_WARNED = {"synthetic": False}
-FAILED_JOBS: list[str] = []  # jobs that failed in this process (basic launcher); run.py reads it at exit
-
 
 class Interrupted(BaseException):
     """SIGTERM/SIGINT inside a job: stop cleanly, write no partial result."""
@@ -174,10 +171,12 @@ def objective_of(job: Job, summary: dict):
     return float(summary[job.objective])
 
 
-def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
-    """Plan, run and record one job. Returns the objective (for Optuna) or None."""
+def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | None = None):
+    """Plan, run and record one job with `session`'s caches (default: this process's session, shared by the jobs a
+    launcher runs here). Returns the objective (for Optuna) or None."""
     from .sweeps import check_objective
 
+    session = session if session is not None else current_session()
     job = plan(cfg, hydra_cfg)
     check_objective(job)
     result_file, failed_file = job.job_dir / "result.json", job.job_dir / "failed.json"
@@ -190,9 +189,8 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
         log.info("rerun %s: its inputs changed since %s was written (prompts, model files, seeds, sampler, "
                  "interventions or metrics)", job.name, result_file)
     clear_job_folder(job.job_dir)  # a rerun starts empty: no stale arrays, images, figures or W&B runs
-    if job.variant.synthetic and not _WARNED["synthetic"]:  # once per process, not once per job
+    if job.variant.synthetic and session.warn_once("synthetic"):  # once per process, not once per job
         log.warning(SYNTHETIC_WARNING)
-        _WARNED["synthetic"] = True
 
     from .tracking import Tracker
 
@@ -209,7 +207,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
                 tracker.start(job_dir=job.job_dir, name=run_name(job), group=job.group, job_type=job_type_of(job),
                               tags=tags_for(job), config=wandb_config(config, job))
                 record["wandb"] = tracker.where()
-                out = execute(job)
+                out = execute(job, session)
                 images = out.pop("_wandb_images")
                 record.update(out, status="done")
                 record["timings"]["total"] = time.perf_counter() - t0
@@ -242,12 +240,12 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None):
         write_json_atomic(failed_file, {"status": "failed", "job": config["job"], "error": f"{type(e).__name__}: {e}",
                                         "traceback": traceback.format_exc(), "config": config,
                                         "versions": versions()})
-        FAILED_JOBS.append(f"{job.name}: {type(e).__name__}: {e}")
+        session.failed_jobs.append(f"{job.name}: {type(e).__name__}: {e}")
         log.error("job %s failed: %s: %s (details in %s)", job.name, type(e).__name__, e, failed_file)
         if not job.multirun:
             raise
         if job.fail_fast:
-            raise FailFast(FAILED_JOBS[-1]) from e
+            raise FailFast(session.failed_jobs[-1]) from e
         return None
     where = tracker.where()
     wandb_note = {"disabled": "W&B disabled"}.get(where["mode"], f"W&B {where['mode']} run in {where['dir']}")

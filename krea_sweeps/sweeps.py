@@ -284,10 +284,11 @@ class SweepGuard(Callback):
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from .runner import FAILED_JOBS
+        from .session import current_session
 
         if self.started is None:
             return
+        failed = current_session().failed_jobs
         for line in failures_since(Path(config.hydra.sweep.dir), self.started):
-            if line not in FAILED_JOBS:
-                FAILED_JOBS.append(line)
+            if line not in failed:
+                failed.append(line)

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from .files import atomic_write
 from .plan import Job
+from .session import Session
 
 log = logging.getLogger("krea_sweeps")
 
@@ -76,9 +77,6 @@ class Timings(dict):
 
 
 # ----------------------------------------------------------------------------------------------- baseline cache
-_BASELINES: dict[str, np.ndarray] = {}
-
-
 def baseline_key(job: Job, prompt: str, seed: int, compiled_blocks: bool) -> str:
     """The stock image's cache key: the variant as resolved (device, dtype, files, LoRA), the sampler, and whether the
     DiT blocks it runs are compiled (compiled and eager images differ at float tolerance)."""
@@ -107,28 +105,26 @@ def baseline_file(job: Job, key: str) -> Path:
     return baseline_folder(job) / f"{key}.safetensors"
 
 
-def cached_baseline(job: Job, key: str) -> np.ndarray | None:
-    """A stock image from memory or disk; a damaged file on disk counts as missing (regenerated, one warning)."""
+def cached_baseline(session: Session, job: Job, key: str) -> np.ndarray | None:
+    """A stock image from the session's memory or the sweep's `_baselines/`; a damaged file on disk counts as
+    missing (regenerated, one warning)."""
     from .files import load_verified
 
-    if key not in _BASELINES:
+    if key not in session.baselines:
         tensors = load_verified(baseline_file(job, key))
         if tensors is None or "image" not in tensors:
             return None
-        _BASELINES[key] = tensors["image"].numpy()
-    return _BASELINES[key]
+        session.baselines[key] = tensors["image"].numpy()
+    return session.baselines[key]
 
 
-def store_baseline(job: Job, key: str, image: np.ndarray) -> None:
+def store_baseline(session: Session, job: Job, key: str, image: np.ndarray) -> None:
     import torch
 
     from .files import save_verified
 
-    _BASELINES[key] = image
+    session.baselines[key] = image
     save_verified(baseline_file(job, key), {"image": torch.from_numpy(np.ascontiguousarray(image))})
-
-
-BASELINE_GENERATIONS = {"count": 0}  # stock images actually generated this process (tests read it)
 
 
 # ------------------------------------------------------------------------------------------------- job context
@@ -138,6 +134,7 @@ class JobContext:
 
     job: Job
     model: Any
+    session: Session = field(default_factory=Session)
     encoded: Any = None
     negative: Any = None
     images: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
@@ -168,9 +165,8 @@ class JobContext:
         return self.model.text_path
 
     def encode(self, prompts: list[str]):
-        from .prompts import encode_cache
-
-        return encode_cache(self.encode_folder).get(self.model, prompts, self.job.sampler.max_sequence_length)
+        cache = self.session.encode_cache(self.encode_folder)
+        return cache.get(self.model, prompts, self.job.sampler.max_sequence_length)
 
     @property
     def encode_folder(self) -> Path:
@@ -179,7 +175,8 @@ class JobContext:
     def intervention_context(self):
         from .interventions import InterventionContext
 
-        return InterventionContext(text_path=self.text_path, encode=self.encode, num_steps=self.job.sampler.steps)
+        return InterventionContext(text_path=self.text_path, encode=self.encode, num_steps=self.job.sampler.steps,
+                                   projector_chains=self.session.projector_chains)
 
     @contextmanager
     def intervened(self):
@@ -241,7 +238,7 @@ def produce_images(ctx: JobContext) -> None:
     if "baseline" in job.needs or job.is_stock:
         missing = []
         for p, s in keys:
-            image = cached_baseline(job, ctx.baseline_keys[f"p{p:02d}_s{s}"])
+            image = cached_baseline(ctx.session, job, ctx.baseline_keys[f"p{p:02d}_s{s}"])
             if image is None:
                 missing.append((p, s))
             else:
@@ -249,9 +246,9 @@ def produce_images(ctx: JobContext) -> None:
         if missing:
             with ctx.timings.phase("baseline"):
                 fresh = generate_images(ctx, pipe, False, missing, "stock images")
-            BASELINE_GENERATIONS["count"] += len(fresh)
+            ctx.session.baseline_generations += len(fresh)
             for (p, s), image in fresh.items():
-                store_baseline(job, ctx.baseline_keys[f"p{p:02d}_s{s}"], image)
+                store_baseline(ctx.session, job, ctx.baseline_keys[f"p{p:02d}_s{s}"], image)
             ctx.baseline_images.update(fresh)
     if job.is_stock:
         ctx.images = dict(ctx.baseline_images)
@@ -262,15 +259,17 @@ def produce_images(ctx: JobContext) -> None:
         save_png(job.job_dir / "images" / f"p{p:02d}_s{s}.png", image)
 
 
-def execute(job: Job) -> dict:
-    """Run one planned job and return its record (not yet written)."""
+def execute(job: Job, session: Session) -> dict:
+    """Run one planned job with the session's caches and return its record (not yet written)."""
     import torch
 
-    from .models import LoadedModel
-    from .prompts import encode_cache
+    from .models import LoadedModel, job_memory
 
-    ctx = JobContext(job=job, model=LoadedModel(job.variant))
-    cache = encode_cache(ctx.encode_folder)
+    model = LoadedModel(job.variant, session.models)
+    memory = job_memory(job.variant, job.sampler, job.needs, len(job.seeds))
+    session.models.begin_job(memory.cache_budget())
+    ctx = JobContext(job=job, model=model, session=session)
+    cache = session.encode_cache(ctx.encode_folder)
     hits_before, misses_before = cache.hits, cache.misses  # the cache serves the whole process: count this job's
     with ctx.timings.phase("encode"):
         ctx.encoded = ctx.encode(job.prompts)

@@ -15,18 +15,42 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/wandb_offline.py
 
 
 @pytest.fixture(scope="session")
-def turbo():
-    """The synthetic Turbo model (parts load lazily and are cached for the whole session)."""
-    from krea_sweeps.models import LoadedModel, ModelVariant
+def session():
+    """One krea_sweeps Session for the test run: the synthetic parts load once and are shared by the fixtures."""
+    from krea_sweeps.session import Session
 
-    return LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=8, guidance=0.0))
+    return Session()
 
 
 @pytest.fixture(scope="session")
-def raw():
+def turbo(session):
+    """The synthetic Turbo model (parts load lazily and are cached for the whole session)."""
     from krea_sweeps.models import LoadedModel, ModelVariant
 
-    return LoadedModel(ModelVariant(name="raw"))
+    return LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=8, guidance=0.0), session.models)
+
+
+@pytest.fixture(scope="session")
+def raw(session):
+    from krea_sweeps.models import LoadedModel, ModelVariant
+
+    return LoadedModel(ModelVariant(name="raw"), session.models)
+
+
+@pytest.fixture
+def no_loads(monkeypatch):
+    """Records every model part a test fetches through any ModelCache (a spy on the real method): a test that
+    must load nothing asserts the list stays empty."""
+    from krea_sweeps.memory import ModelCache
+
+    fetched, real_get = [], ModelCache.get
+
+    def spy(self, key, build, estimate_bytes=0):
+        fetched.append(key[0])
+        return real_get(self, key, build, estimate_bytes)
+
+    monkeypatch.setattr(ModelCache, "get", spy)
+    return fetched
 
 
 def compose(overrides: list[str] | None = None):

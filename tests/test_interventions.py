@@ -12,7 +12,7 @@ import torch
 from krea_sweeps.errors import ConfigError
 from krea_sweeps.interventions import (Ablate, InterventionContext, Knockout, LeaveOneOut, Rebalance, Solo, Steer,
                                        TapScale, applied)
-from krea_sweeps.prompts import encode_cache
+from krea_sweeps.prompts import EncodeCache
 from krea_sweeps.sampler import DenoiseState
 
 MSL = 32
@@ -22,8 +22,11 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwarg
               "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks")
 
 
+ENCODINGS = EncodeCache(None)  # in memory only, shared by this module's tests
+
+
 def encode(model, prompts):
-    return encode_cache(None).get(model, prompts, MSL)
+    return ENCODINGS.get(model, prompts, MSL)
 
 
 def context(model, state: DenoiseState | None = None, **kw) -> InterventionContext:
@@ -510,14 +513,12 @@ def test_bad_input_fails_at_plan_time(tmp_path):
         assert info.value.key.startswith(key)
 
 
-def test_plan_checks_what_needs_the_model_config_without_loading_it(tmp_path):
+def test_plan_checks_what_needs_the_model_config_without_loading_it(tmp_path, no_loads):
     """Steer's direction width (text_hidden_dim) and apply_to=uncond without CFG fail at plan time, before any load."""
     from conftest import compose
 
-    from krea_sweeps import models
     from krea_sweeps.plan import plan
 
-    loads = dict(models.LOAD_COUNTS)
     steer = ["intervention=steer", "intervention.mode=add"]
     uncond = ["intervention=solo", "intervention.slot=6", "intervention.apply_to=uncond"]
     for overrides, key, says in [
@@ -535,7 +536,7 @@ def test_plan_checks_what_needs_the_model_config_without_loading_it(tmp_path):
         plan(compose([*uncond, *fine]))
     plan(compose(["intervention=solo", "intervention.slot=6", "intervention.apply_to=both"]))  # acts on cond
     plan(compose(["intervention.apply_to=uncond"]))  # `none` does nothing on any branch
-    assert models.LOAD_COUNTS == loads
+    assert no_loads == []
 
 
 def test_errors_of_list_entries_name_the_list_key(turbo):

@@ -33,7 +33,7 @@ def encoded(turbo):
 
 
 @pytest.fixture
-def job_ctx(tmp_path, monkeypatch):
+def job_ctx(tmp_path, monkeypatch, session):
     """A planned job's JobContext on the synthetic model (prompts encoded; nothing generated)."""
     from krea_sweeps.models import LoadedModel
     from krea_sweeps.plan import plan
@@ -43,7 +43,7 @@ def job_ctx(tmp_path, monkeypatch):
 
     def make(*overrides):
         job = plan(compose([f"sampler.max_sequence_length={SEQ}", "wandb.mode=disabled", *overrides]))
-        ctx = JobContext(job=job, model=LoadedModel(job.variant))
+        ctx = JobContext(job=job, model=LoadedModel(job.variant, session.models), session=session)
         ctx.encoded = ctx.encode(job.prompts)
         return ctx
 
@@ -319,19 +319,18 @@ def test_fusion_and_refiner_attention_metrics(turbo, job_ctx):
     assert len(ctx.cache) == 1  # one shared trace served all three metrics of this stock job
 
 
-def test_conditioning_only_run_never_loads_dit_blocks_or_vae(job_ctx, monkeypatch):
-    from krea_sweeps import models
+def test_conditioning_only_run_never_loads_dit_blocks_or_vae(job_ctx, session):
+    from krea_sweeps.session import Session
     from krea_sweeps.task import execute
 
-    keep = {k: v for k, v in models._CACHE.items() if k[0] in ("tokenizer", "text_encoder")}  # skip re-reading them
-    monkeypatch.setattr(models, "_CACHE", keep)
-    monkeypatch.setattr(models, "LOAD_COUNTS", {})
+    fresh = Session()  # seeded with the loaded tokenizer and text encoder, to skip re-reading them
+    fresh.models.parts.update({k: v for k, v in session.models.parts.items() if k[0] in ("tokenizer", "text_encoder")})
     ctx = job_ctx("metrics=[projector,fusion_attention,refiner_attention,cond_shift,slot_contribution,tap_norms]",
                   "conditioning_only=true")
-    record = execute(ctx.job)
-    assert models.LOAD_COUNTS.get("text_path") == 1
-    assert "transformer" not in models.LOAD_COUNTS and "vae" not in models.LOAD_COUNTS
-    assert not any(k[0] in ("transformer", "vae") for k in models._CACHE)
+    record = execute(ctx.job, fresh)
+    assert fresh.models.load_counts.get("text_path") == 1
+    assert "transformer" not in fresh.models.load_counts and "vae" not in fresh.models.load_counts
+    assert not any(k[0] in ("transformer", "vae") for k in fresh.models.parts)
     assert record["images"] == [] and "fusion_attention/block0/hub_layer" in record["summary"]
 
 

@@ -106,17 +106,16 @@ def test_a_zeroed_stock_image_is_regenerated_not_used(tmp_path, caplog):
     from types import SimpleNamespace
 
     from krea_sweeps import task
+    from krea_sweeps.session import Session
 
     job = SimpleNamespace(sweep_dir=tmp_path, job_dir=tmp_path / "job")
     image = np.random.default_rng(0).random((8, 8, 3), dtype=np.float32)
-    task.store_baseline(job, "k" * 24, image)
-    task._BASELINES.clear()
-    assert np.array_equal(task.cached_baseline(job, "k" * 24), image)
-    task._BASELINES.clear()
+    task.store_baseline(Session(), job, "k" * 24, image)
+    assert np.array_equal(task.cached_baseline(Session(), job, "k" * 24), image)  # a new session: read from disk
     file = task.baseline_file(job, "k" * 24)
     file.write_bytes(bytes(file.stat().st_size))
     with caplog.at_level(logging.WARNING, logger="krea_sweeps"):
-        assert task.cached_baseline(job, "k" * 24) is None  # missing ⇒ produce_images generates it again
+        assert task.cached_baseline(Session(), job, "k" * 24) is None  # missing ⇒ produce_images generates it again
     assert any("recomputing" in r.getMessage() for r in caplog.records)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
@@ -24,6 +25,8 @@ class InterventionContext:
     state: DenoiseState = field(default_factory=lambda: STATE)
     guidance: float | None = None
     text_dim: int | None = None
+    # The projector's edit chain per module (the job's session's): edits attached through this context compose.
+    projector_chains: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
 
 @dataclass

@@ -17,7 +17,6 @@ give *different* outputs, so the site is always recorded:
 from __future__ import annotations
 
 import json
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,18 +136,16 @@ class _ProjectorChain:
         return rms_like(edited, output, dim=-2) if any(e[3] for e in active) else edited
 
 
-_CHAINS: "weakref.WeakKeyDictionary[torch.nn.Module, _ProjectorChain]" = weakref.WeakKeyDictionary()
-
-
 @contextmanager
 def projector_hook(intervention: Intervention, ctx: InterventionContext, weight_fn, renorm: bool = False):
     """Join the projector's edit chain while attached: when active, `weight_fn` maps the weight so far (stock, or
     the earlier edits' result) to the next one. Nothing is written to the parameter; the hook goes with the last
     edit."""
     module = projector(ctx)
-    chain = _CHAINS.get(module)
+    chains = ctx.projector_chains  # the session's: edits attached through one context share one chain per module
+    chain = chains.get(module)
     if chain is None:
-        chain = _CHAINS[module] = _ProjectorChain(module)
+        chain = chains[module] = _ProjectorChain(module)
     entry = (intervention, ctx.state, weight_fn, renorm)
     chain.entries.append(entry)
     try:
@@ -157,7 +154,7 @@ def projector_hook(intervention: Intervention, ctx: InterventionContext, weight_
         chain.entries = [e for e in chain.entries if e is not entry]
         if not chain.entries:
             chain.handle.remove()
-            _CHAINS.pop(module, None)
+            chains.pop(module, None)
 
 
 @dataclass

@@ -1,0 +1,63 @@
+"""The `Session`: everything a process keeps between the jobs it runs, in one object owned by the runner.
+
+Hydra's basic launcher (and a Ray worker) runs many jobs in one process; what they share — loaded model parts,
+encoded prompts, stock images, the projector's edit chains, the sweep's failures — lives here instead of in module
+globals, so it has one owner, one lifetime and one place where tests read its counters. A test or a notebook makes
+its own `Session()`; `current_session()` is the process's, created at first use by the runner.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .models import ModelCache
+
+
+@dataclass
+class Session:
+    """One process's caches and the sweep's failure list.
+
+    - `models`: loaded parts, least recently used evicted under a memory budget (`model.memory_budget_gb`);
+    - `encodings`: the in-memory side of each folder's encode cache (the disk side is the folder);
+    - `baselines`: stock images by key, and how many this process actually generated;
+    - `projector_chains`: the projector's active edit chain per module (weak: it dies with the module);
+    - `failed_jobs`: `name: error` per failed job, reported by `run.py` at exit;
+    - `warned`: one-time warnings already given.
+    """
+
+    models: ModelCache = field(default_factory=ModelCache)
+    encodings: dict[str, Any] = field(default_factory=dict)
+    baselines: dict[str, Any] = field(default_factory=dict)
+    baseline_generations: int = 0
+    projector_chains: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    failed_jobs: list[str] = field(default_factory=list)
+    warned: set[str] = field(default_factory=set)
+
+    def encode_cache(self, folder: Path | None):
+        """One encode cache per folder (the sweep's `_encoded/`), shared by the jobs this process runs."""
+        from .prompts import EncodeCache
+
+        key = str(folder)
+        if key not in self.encodings:
+            self.encodings[key] = EncodeCache(folder)
+        return self.encodings[key]
+
+    def warn_once(self, name: str) -> bool:
+        """True the first time `name` is asked for in this session (the caller then logs its warning)."""
+        if name in self.warned:
+            return False
+        self.warned.add(name)
+        return True
+
+
+_PROCESS: list[Session] = []  # the runner's session: the one reference a launcher's worker process keeps
+
+
+def current_session() -> Session:
+    """This process's session, made at first use: each job the launcher runs here gets the same one."""
+    if not _PROCESS:
+        _PROCESS.append(Session())
+    return _PROCESS[0]
