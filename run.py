@@ -6,6 +6,7 @@
 
 import logging
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -15,6 +16,10 @@ from krea_sweeps.plan import register_resolvers
 
 register_resolvers()
 log = logging.getLogger("krea_sweeps")
+# `hydra/launcher=ray` (ours) shares its name with the Ray plugin's schema, which validates it; Hydra 1.3 warns about
+# that name match on every composition.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/ray' is validated against ConfigStore schema",
+                        category=UserWarning)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -19,7 +19,7 @@ from .errors import ConfigError, did_you_mean, require
 
 # Overrides that do not change a job's result: they never enter its directory name.
 NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective", "headline", "report")
-NON_RESULT_PREFIXES = ("wandb.", "hydra.", "hydra/", "model.device", "model.offload")
+NON_RESULT_PREFIXES = ("wandb.", "hydra.", "hydra/", "model.device", "model.offload", "model.memory_budget_gb")
 
 
 def job_slug(override_dirname: str) -> str:
