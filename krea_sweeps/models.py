@@ -1,7 +1,8 @@
 """Model variants (config group `model`): what to load, loaded lazily, part by part, once per process.
 
-A sweep's jobs run one after another in one process (Hydra's basic launcher), so every loaded part lives in a
-process-level cache keyed by where it came from; a 10-job sweep loads each part once. Parameters are frozen once,
+A sweep's jobs run one after another in one process (Hydra's basic launcher), so every loaded part lives in the
+session's model cache (`memory.ModelCache`) keyed by where it came from; a 10-job sweep loads each part once, and
+under `model.memory_budget_gb` the least recently used part goes first. Parameters are frozen once,
 at load: toggling `requires_grad` later changes CPU matmul paths and breaks bit-identity against a baseline.
 
 Parts: `tokenizer`, `text_encoder` (Qwen3-VL), `text_path` (`text_fusion` + `txt_in` only — read as safetensors

@@ -242,9 +242,6 @@ def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
     )
     for metric in metrics:
         metric.validate(job)
-    from .models import check_memory
-
-    check_memory(variant, sampler, job.needs, len(seeds))
     return job
 
 

@@ -174,11 +174,14 @@ def objective_of(job: Job, summary: dict):
 def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | None = None):
     """Plan, run and record one job with `session`'s caches (default: this process's session, shared by the jobs a
     launcher runs here). Returns the objective (for Optuna) or None."""
+    from .models import check_memory
     from .sweeps import check_objective
 
     session = session if session is not None else current_session()
     job = plan(cfg, hydra_cfg)
     check_objective(job)
+    # Here, in the process that will run the job (a GPU node's, not a SLURM login node's): will it fit the device?
+    check_memory(job.variant, job.sampler, job.needs, len(job.seeds))
     result_file, failed_file = job.job_dir / "result.json", job.job_dir / "failed.json"
     fingerprint = job_fingerprint(job)
     if job.multirun and result_file.exists() and not job.force:

@@ -252,6 +252,34 @@ def _bad_key(message: str, keys: list[str]) -> str:
     return m.group(1) if m else "overrides"
 
 
+# ------------------------------------------------------------------------------------------------ job order
+def is_model_axis(key: str) -> bool:
+    return key == "model" or key.startswith("model.")
+
+
+def order_variants_first(config: DictConfig) -> None:
+    """Make Hydra's basic sweeper vary the `model` axes slowest, so one variant's jobs run back to back and the
+    session's model cache (least recently used evicted under a budget) loads each variant once instead of swapping
+    DiTs job by job. The basic sweeper crosses its `params` (a preset's axes) before the command line's and keeps
+    each key where it first appeared, so putting the model axes at the front of `params` is enough; the values stay
+    the command line's. Runs before the sweeper is made from the config (Hydra calls this callback first)."""
+    from omegaconf import open_dict, read_write
+
+    if not str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith(".BasicSweeper"):
+        return  # Optuna and others choose their own order
+    params = dict(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
+    model_axes = {k: v for k, v in params.items() if is_model_axis(k)}
+    for arg in config.hydra.overrides.task:
+        key, _, value = arg.partition("=")
+        if is_model_axis(key) and _is_sweep_axis(arg):
+            model_axes[key] = value
+    if not model_axes:
+        return
+    ordered = {**model_axes, **{k: v for k, v in params.items() if k not in model_axes}}
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.sweeper.params = ordered
+
+
 # --------------------------------------------------------------------------------------------- after the last job
 def failures_since(sweep_dir: Path, since: float) -> list[str]:
     """`name: error` for each job of `sweep_dir` whose failed.json was written at or after `since`."""
@@ -282,6 +310,7 @@ class SweepGuard(Callback):
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        order_variants_first(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from .session import current_session

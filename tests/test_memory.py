@@ -143,3 +143,26 @@ def test_offload_modes_are_wired_to_diffusers_and_keep_the_image(mode, atol):
     offloaded = generate(pipe, sampler, enc, neg, seed=0)
     hooked = [m for m in pipe.transformer.modules() if hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook")]
     assert hooked and np.abs(offloaded - stock).max() <= atol
+
+
+def test_a_sweep_runs_one_variants_jobs_together_and_loads_each_dit_once(cli):
+    """The model axis is given last on the command line, yet varies slowest: under a budget that holds one DiT,
+    Raw's jobs then Turbo's, two DiT loads (alternating would load four)."""
+    from conftest import compose
+
+    from krea_sweeps.models import job_memory
+    from krea_sweeps.plan import plan
+    from krea_sweeps.synthetic import ensure_synthetic_checkpoints
+
+    ensure_synthetic_checkpoints()
+    common = ["metrics=[image_stats]", "wandb.mode=disabled", "prompts.prompts=[a red fox]", "model.steps=1"]
+    job = plan(compose(["model=raw", *common]))
+    one = job_memory(job.variant, job.sampler, job.needs, 1)
+    budget = f"model.memory_budget_gb={(one.peak() + one.parts['transformer'].params * 2) / GB!r}"
+    out = cli("-m", "seeds=0,1", "model=raw,turbo", budget, *common, "name=order")
+    assert out.returncode == 0, out.stderr[-2000:]
+    order = [line.split(" : ")[1].split()[0] for line in out.stdout.splitlines() + out.stderr.splitlines()
+             if "] \t#" in line]
+    assert order == ["model=raw", "model=raw", "model=turbo", "model=turbo"], order
+    log = out.stdout + out.stderr
+    assert log.count("loading transformer") == 2 and log.count("evicting transformer") == 1
