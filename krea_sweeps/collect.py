@@ -568,7 +568,8 @@ def sweep_tags(jobs: list[JobRecord], wandb_config: dict) -> list[str]:
     return sorted(t for t in tags if t)
 
 
-def log_to_wandb(df, figures: list[Path], jobs: list[JobRecord], sweep_dir: Path, mode: str) -> str | None:
+def log_to_wandb(df, figures: list[Path], jobs: list[JobRecord], sweep_dir: Path, mode: str,
+                 server=None) -> str | None:
     """One W&B run (job_type `collect`) in the sweep's group: the table, the figures, the counts."""
     import wandb
 
@@ -576,7 +577,7 @@ def log_to_wandb(df, figures: list[Path], jobs: list[JobRecord], sweep_dir: Path
 
     wcfg = next((j.config.get("wandb") for j in jobs if j.config.get("wandb")), {}) or {}
     config = WandbConfig(mode=mode, project=wcfg.get("project", "krea_sweeps"), entity=wcfg.get("entity"))
-    resolved = config.resolved_mode()
+    resolved = config.resolved_mode(server)
     if resolved == "disabled":
         return None
     run = wandb.init(project=config.project, entity=config.entity, mode=resolved, dir=str(sweep_dir),
@@ -599,7 +600,7 @@ def log_to_wandb(df, figures: list[Path], jobs: list[JobRecord], sweep_dir: Path
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def write_report(jobs: list[JobRecord], axes: list[str], sweep_dir: Path, mode: str | None) -> str:
+def write_report(jobs: list[JobRecord], axes: list[str], sweep_dir: Path, mode: str | None, server=None) -> str:
     """Build the sweep's W&B report; online, save it and return its URL; otherwise (or when saving fails) write its
     spec next to results.parquet and say how to save it later."""
     from .report import build_report, save, sweep_from_jobs, write_spec
@@ -607,7 +608,7 @@ def write_report(jobs: list[JobRecord], axes: list[str], sweep_dir: Path, mode: 
 
     sweep = sweep_from_jobs(jobs, sweep_dir, axes)
     report = build_report(sweep)
-    if WandbConfig(mode=mode or "auto").resolved_mode() == "online":
+    if WandbConfig(mode=mode or "auto").resolved_mode(server) == "online":
         try:
             return f"W&B report: {save(report)}"
         except Exception as e:  # no network, no permission: the spec is still worth keeping
@@ -633,12 +634,15 @@ def collect(sweep_dir: Path, figures: bool = True, wandb_mode: str | None = None
         print(summary_text(df, jobs, axes, sweep_dir))
         print(f"wrote {sweep_dir / 'results.parquet'}, {sweep_dir / 'results.csv'}"
               + (f", {len(written)} figure(s) in {sweep_dir / 'figures'}" if written else ""))
+    from .tracking import ServerCheck
+
+    server = ServerCheck()  # the W&B server is probed at most once per collect
     if wandb_mode:
-        where = log_to_wandb(df, written, jobs, sweep_dir, wandb_mode)
+        where = log_to_wandb(df, written, jobs, sweep_dir, wandb_mode, server)
         if where and not quiet:
             print(f"W&B collect run in {where}")
     if report:
-        line = write_report(jobs, axes, sweep_dir, wandb_mode)
+        line = write_report(jobs, axes, sweep_dir, wandb_mode, server)
         if not quiet:
             print(line)
     return df

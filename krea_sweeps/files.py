@@ -8,6 +8,7 @@ disk. Cache entries carry a content hash checked on read, so a damaged file is r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -129,7 +130,6 @@ def load_verified(path: Path, device: str = "cpu") -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ file identity
-_IDENTITY_MEMO: dict[tuple, dict] = {}
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".gguf")
 
 
@@ -150,13 +150,16 @@ def file_identity(path: str | Path | None) -> dict | list | None:
 
 def _one_file_identity(path: Path) -> dict:
     st = path.stat()
-    memo_key = (str(path), st.st_size, st.st_mtime_ns)
-    if memo_key not in _IDENTITY_MEMO:
-        out = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        if path.suffix == ".safetensors":
-            out["header_sha256"] = _safetensors_header_digest(path)
-        _IDENTITY_MEMO[memo_key] = out
-    return _IDENTITY_MEMO[memo_key]
+    return dict(_file_identity_at(str(path), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_identity_at(path: str, size: int, mtime_ns: int) -> dict:
+    """A pure function of the file's bytes at (size, mtime): memoised like any pure function, not state."""
+    out = {"size": size, "mtime_ns": mtime_ns}
+    if path.endswith(".safetensors"):
+        out["header_sha256"] = _safetensors_header_digest(Path(path))
+    return out
 
 
 def _safetensors_header_digest(path: Path) -> str | None:

@@ -206,7 +206,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
     try:
         with interrupt_guard():  # Ctrl-C at any moment, W&B's start and finish included, is one line
             try:
-                tracker = Tracker(job.wandb)
+                tracker = Tracker(job.wandb, session.wandb_server)
                 tracker.start(job_dir=job.job_dir, name=run_name(job), group=job.group, job_type=job_type_of(job),
                               tags=tags_for(job), config=wandb_config(config, job))
                 record["wandb"] = tracker.where()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import ModelCache
+from .tracking import ServerCheck
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Session:
     - `baselines`: stock images by key, and how many this process actually generated;
     - `projector_chains`: the projector's active edit chain per module (weak: it dies with the module);
     - `failed_jobs`: `name: error` per failed job, reported by `run.py` at exit;
+    - `wandb_server`: whether the W&B server answered (probed once per process, not once per job);
     - `warned`: one-time warnings already given.
     """
 
@@ -34,6 +36,7 @@ class Session:
     baseline_generations: int = 0
     projector_chains: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     failed_jobs: list[str] = field(default_factory=list)
+    wandb_server: ServerCheck = field(default_factory=ServerCheck)
     warned: set[str] = field(default_factory=set)
 
     def encode_cache(self, folder: Path | None):

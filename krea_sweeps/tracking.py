@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 3.0  # how long the W&B server gets to answer before this process logs offline
 INIT_TIMEOUT_S = 30.0  # wandb.init's own bound when the probe passed but the server stops answering later
-_DECIDED: dict[str, bool] = {}  # "online": whether this process's W&B server answered (asked once per process)
 
 
 def has_api_key() -> bool:
@@ -51,17 +50,22 @@ def server_answers(url: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, st
         return False, f"{type(e).__name__}: {getattr(e, 'reason', e)}"
 
 
-def online_this_process() -> bool:
-    """Ask the W&B server once per process; when it does not answer, say so in one line and stay offline."""
-    if "online" not in _DECIDED:
-        url = server_url()
-        ok, why = server_answers(url)
-        _DECIDED["online"] = ok
-        if not ok:
-            log.warning("W&B server %s did not answer within %.0f s (%s): logging offline into the job folders "
-                        "for this whole process; upload later with `wandb sync outputs/<name>/*/wandb/offline-run-*`",
-                        url, PROBE_TIMEOUT_S, why)
-    return _DECIDED["online"]
+@dataclass
+class ServerCheck:
+    """Whether the W&B server answered, asked once (the session keeps one per process, so a sweep pays the probe
+    once); when it does not answer, say so in one line and stay offline."""
+
+    online: bool | None = None
+
+    def __call__(self) -> bool:
+        if self.online is None:
+            url = server_url()
+            self.online, why = server_answers(url)
+            if not self.online:
+                log.warning("W&B server %s did not answer within %.0f s (%s): logging offline into the job folders "
+                            "for this whole process; upload later with `wandb sync outputs/<name>/*/wandb/offline-run-*`",
+                            url, PROBE_TIMEOUT_S, why)
+        return self.online
 
 
 @dataclass
@@ -75,20 +79,20 @@ class WandbConfig:
     def __post_init__(self):
         require_choice(self.mode, ("auto", "online", "offline", "disabled"), "wandb.mode", "mode")
 
-    def resolved_mode(self) -> str:
-        """`auto` is online with an API key; online falls back to offline (once per process, one line) when the
-        W&B server does not answer within a few seconds."""
+    def resolved_mode(self, server: ServerCheck | None = None) -> str:
+        """`auto` is online with an API key; online falls back to offline (asked once per `server` — the session's —
+        in one line) when the W&B server does not answer within a few seconds."""
         if self.mode in ("offline", "disabled") or (self.mode == "auto" and not has_api_key()):
             return "offline" if self.mode == "auto" else self.mode
-        return "online" if online_this_process() else "offline"
+        return "online" if (server if server is not None else ServerCheck())() else "offline"
 
 
 class Tracker:
     """A guarded W&B run for one job."""
 
-    def __init__(self, config: WandbConfig):
+    def __init__(self, config: WandbConfig, server: ServerCheck | None = None):
         self.config = config
-        self.mode = config.resolved_mode()
+        self.mode = config.resolved_mode(server)
         self.run = None
         self.run_dir: str | None = None
 

@@ -110,7 +110,7 @@ def test_a_two_variant_sweep_holds_one_dit_at_a_time_under_a_small_budget(tmp_pa
         assert json.loads((tmp_path / "sweep" / f"j{i}" / "result.json").read_text())["status"] == "done"
 
 
-def test_without_a_budget_nothing_is_evicted(session, turbo, raw):
+def test_the_cache_evicts_the_least_recently_used_part_the_job_does_not_use():
     from krea_sweeps.memory import ModelCache
 
     cache = ModelCache()
