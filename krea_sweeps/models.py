@@ -25,8 +25,7 @@ import torch.nn as nn
 from .errors import ConfigError, as_float, as_int, require
 from .memory import (OFFLOAD_MODES, Activations, JobMemory, ModelCache, PartSize, part_size_from_safetensors,
                      safetensors_files)
-from .synthetic import (SELECT_LAYERS, SCHEDULER_CONFIG, SYNTHETIC_VERSION, ensure_synthetic_checkpoints,
-                        synthetic_root)
+from .synthetic import SELECT_LAYERS, SCHEDULER_CONFIG, RandomWeights
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,9 @@ class TextPath(nn.Module):
 
 @dataclass
 class ModelVariant:
-    """One Krea 2 variant. `path=None` means the synthetic model (CPU, seconds, not Krea 2's numbers)."""
+    """One Krea 2 variant. `path=None` means the synthetic model (CPU, seconds, not Krea 2's numbers), whose weights
+    `synthetic_weights` writes into the cache: the trained toy (`model/synthetic_weights=toy`, the config default) or
+    the random-weight one (`random`, the default when built in code: plumbing needs no training)."""
 
     name: str
     path: str | None = None
@@ -88,6 +89,7 @@ class ModelVariant:
     offload: Any = "none"
     memory_budget_gb: Any = "auto"
     select_layers: list[int] = field(default_factory=lambda: list(SELECT_LAYERS))
+    synthetic_weights: Any = field(default_factory=RandomWeights)
 
     def __post_init__(self):
         require(self.name in ("raw", "turbo", "turbo_lora"), "model.name", f"unknown variant {self.name!r}",
@@ -156,7 +158,7 @@ class ModelVariant:
         return {"name": self.name, "device": str(device), "dtype": str(resolve_dtype(self.dtype, device)),
                 "transformer": sources.transformer, "text_encoder": sources.text_encoder,
                 "tokenizer": sources.tokenizer, "vae": sources.vae,
-                "synthetic_version": SYNTHETIC_VERSION if sources.synthetic else None, "lora": sources.lora,
+                "synthetic_version": self.synthetic_weights.version if sources.synthetic else None, "lora": sources.lora,
                 "lora_strength": float(self.lora_strength) if sources.lora else None,
                 "is_distilled": bool(self.is_distilled), "select_layers": list(self.select_layers),
                 "files": None if sources.synthetic else _files_identity(sources)}
@@ -206,7 +208,8 @@ class Sources:
 def sources_for(variant: ModelVariant, ensure: bool = True) -> Sources:
     """The files of each part. `ensure=False` only names them (an identity must not write the synthetic model)."""
     if variant.synthetic:
-        root = ensure_synthetic_checkpoints() if ensure else synthetic_root()
+        weights = variant.synthetic_weights
+        root = weights.ensure() if ensure else weights.root()
         return Sources(
             transformer=str(root / f"krea2_{variant.base}.safetensors"),
             transformer_config=str(root / "transformer_config"),

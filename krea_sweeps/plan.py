@@ -200,9 +200,7 @@ def _text_dim(variant) -> int | None:
     """The encoder width D of the taps [.., 12, D] from the variant's transformer config json alone (no weights), so
     interventions can check shapes before any load. None when it cannot be read: the attach-time checks still apply."""
     if variant.synthetic:  # not via LoadedModel: that would write the synthetic checkpoints
-        from .synthetic import TRANSFORMER_CONFIG
-
-        return int(TRANSFORMER_CONFIG["text_hidden_dim"])
+        return int(variant.synthetic_weights.text_hidden_dim)
     try:
         from .models import LoadedModel
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError
 from .plan import Job, plan
 from .session import Session, current_session
-from .task import SYNTHETIC_WARNING, execute, intervention_label, job_fingerprint, versions, write_json_atomic
+from .task import execute, intervention_label, job_fingerprint, versions, write_json_atomic
 
 log = logging.getLogger("krea_sweeps")
 
@@ -115,7 +115,7 @@ def tags_for(job: Job) -> list[str]:
         tags.append(f"intervention:{i.kind}")
         tags += [f"{k}:{described[k]}" for k in ("site", "slot", "layer") if described.get(k) is not None]
     if job.variant.synthetic:
-        tags.append("synthetic")
+        tags += ["synthetic", f"synthetic:{job.variant.synthetic_weights.kind}"]
     return tags
 
 
@@ -193,12 +193,13 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
                  "interventions or metrics)", job.name, result_file)
     clear_job_folder(job.job_dir)  # a rerun starts empty: no stale arrays, images, figures or W&B runs
     if job.variant.synthetic and session.warn_once("synthetic"):  # once per process, not once per job
-        log.warning(SYNTHETIC_WARNING)
+        log.warning(job.variant.synthetic_weights.warning)
 
     from .tracking import Tracker
 
     config = logged_config(job)
     record = {"status": "running", "job": config["job"], "config": config, "synthetic": job.variant.synthetic,
+              "synthetic_weights": job.variant.synthetic_weights.kind if job.variant.synthetic else None,
               "fingerprint": fingerprint, "versions": versions()}
     tracker = None
     t0 = time.perf_counter()

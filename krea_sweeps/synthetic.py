@@ -175,19 +175,46 @@ def build_vae():
     return AutoencoderKLQwenImage(**VAE_CONFIG).eval()
 
 
-def build_turbo_lora(rank: int = 2) -> dict[str, torch.Tensor]:
-    """A small LoRA for the Raw DiT, in the original checkpoint's naming (`diffusion_model.blocks.N.attn.wq.lora_A`),
-    standing in for Krea 2's Turbo LoRA so `model=turbo_lora` runs through diffusers' real Krea 2 LoRA loader."""
+def build_turbo_lora(config: dict | None = None, rank: int = 2) -> dict[str, torch.Tensor]:
+    """A small LoRA for the Raw DiT of `config` (default: the random model's), in the original checkpoint's naming
+    (`diffusion_model.blocks.N.attn.wq.lora_A`), standing in for Krea 2's Turbo LoRA so `model=turbo_lora` runs
+    through diffusers' real Krea 2 LoRA loader."""
+    config = config or TRANSFORMER_CONFIG
     gen = torch.Generator().manual_seed(77)
-    hidden = TRANSFORMER_CONFIG["attention_head_dim"] * TRANSFORMER_CONFIG["num_attention_heads"]
-    kv = TRANSFORMER_CONFIG["attention_head_dim"] * TRANSFORMER_CONFIG["num_key_value_heads"]
+    hidden = config["attention_head_dim"] * config["num_attention_heads"]
+    kv = config["attention_head_dim"] * config["num_key_value_heads"]
     out = {}
-    for block in range(TRANSFORMER_CONFIG["num_layers"]):
+    for block in range(config["num_layers"]):
         for name, out_dim in (("wq", hidden), ("wv", kv)):
             key = f"diffusion_model.blocks.{block}.attn.{name}"
             out[f"{key}.lora_A.weight"] = 0.2 * torch.randn(rank, hidden, generator=gen)
             out[f"{key}.lora_B.weight"] = 0.2 * torch.randn(out_dim, rank, generator=gen)
     return out
+
+
+class RandomWeights:
+    """`model/synthetic_weights=random`: the seeded random-weight tiny Krea 2 (plumbing and speed tests)."""
+
+    kind = "random"
+    text_hidden_dim = TEXT_DIM
+    warning = ("synthetic Krea 2 (tiny, random weights; real tokenizer and projector values): its numbers test the tool, "
+               "they are not Krea 2 findings")
+
+    @property
+    def version(self) -> str:
+        return SYNTHETIC_VERSION
+
+    def root(self, cache_dir: Path | None = None) -> Path:
+        return synthetic_root(cache_dir)
+
+    def ensure(self, cache_dir: Path | None = None) -> Path:
+        return ensure_synthetic_checkpoints(cache_dir)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self)
+
+    def __repr__(self) -> str:
+        return "RandomWeights()"
 
 
 def synthetic_root(cache_dir: Path | None = None) -> Path:

@@ -302,8 +302,10 @@ def execute(job: Job, session: Session) -> dict:
         images["contact_sheet"] = (sheet, f"{job.name}: rows = prompts, cols = seeds {job.seeds}")
         for (p, s), img in ctx.images.items():
             images[f"images/p{p:02d}_s{s}"] = (img, f"{job.prompts[p][:80]} | seed {s} | {intervention_label(job)}")
+    ground_truth = getattr(job.prompt_set, "ground_truth", None)  # prompts from the toy world: their scenes
     return {
         "summary": summary,
+        "scenes": ground_truth(arrays_dir) if ground_truth else None,
         "rows": rows,
         "images": sorted(str(Path("images") / f"p{p:02d}_s{s}.png") for p, s in ctx.images),
         "timings": dict(ctx.timings),

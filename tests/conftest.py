@@ -53,6 +53,24 @@ def no_loads(monkeypatch):
     return fetched
 
 
+@pytest.fixture(scope="session")
+def toy_turbo():
+    """The trained toy Turbo (krea_sweeps/toy), loaded through the same loaders."""
+    from krea_sweeps.models import LoadedModel, ModelVariant
+    from krea_sweeps.toy.checkpoints import ToyWeights
+
+    return LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=8, guidance=0.0,
+                                    synthetic_weights=ToyWeights()))
+
+
+@pytest.fixture(scope="session")
+def toy_raw():
+    from krea_sweeps.models import LoadedModel, ModelVariant
+    from krea_sweeps.toy.checkpoints import ToyWeights
+
+    return LoadedModel(ModelVariant(name="raw", synthetic_weights=ToyWeights()))
+
+
 def compose(overrides: list[str] | None = None):
     """The composed config for `overrides`, as run.py would see it (without running)."""
     from hydra import compose as hydra_compose

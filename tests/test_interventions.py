@@ -67,8 +67,11 @@ def direction_file(tmp_path, shape=(12, 32)) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- exactness
-def test_identity_settings_are_bit_identical_to_none(turbo, tmp_path):
+@pytest.mark.parametrize("model", ["turbo", "toy_turbo"])  # the random-weight and the trained toy model
+def test_identity_settings_are_bit_identical_to_none(model, tmp_path, request):
     from krea_sweeps.export import write_diff
+
+    turbo = request.getfixturevalue(model)
     from krea_sweeps.interventions import LoraFile
 
     stock = fused(turbo)
@@ -99,7 +102,9 @@ def every_kind(tmp_path):
     ]
 
 
-def test_removal_restores_everything_even_after_an_exception(turbo, tmp_path):
+@pytest.mark.parametrize("model", ["turbo", "toy_turbo"])
+def test_removal_restores_everything_even_after_an_exception(model, tmp_path, request):
+    turbo = request.getfixturevalue(model)
     tp = turbo.text_path
     before, stock = snapshot(tp), fused(turbo)
     ctx = context(turbo)

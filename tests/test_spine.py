@@ -37,7 +37,9 @@ def test_raw_chat_route_keeps_the_assistant_turn(turbo):
 
 
 # ------------------------------------------------------------------------------------------------ encoding
-def test_encode_equals_pipeline_get_text_hidden_states_bitwise(turbo):
+@pytest.mark.parametrize("model", ["turbo", "toy_turbo"])  # the random-weight and the trained toy model
+def test_encode_equals_pipeline_get_text_hidden_states_bitwise(model, request):
+    turbo = request.getfixturevalue(model)
     pipe = turbo.pipeline()
     prompts = ["A red fox sitting in fresh snow.", "A lighthouse."]
     ours = encode(turbo.tokenizer, turbo.text_encoder, prompts, 64, tuple(turbo.variant.select_layers))
@@ -60,7 +62,7 @@ def test_encode_cache_encodes_each_prompt_once_and_reloads_from_disk(turbo, tmp_
 
 
 # ------------------------------------------------------------------------------------------------ generation
-@pytest.mark.parametrize("variant", ["turbo", "raw"])
+@pytest.mark.parametrize("variant", ["turbo", "raw", "toy_turbo", "toy_raw"])
 def test_generation_equals_krea2pipeline_with_prompt_bitwise(variant, request):
     from krea_sweeps.sampler import Sampler, generate
 
