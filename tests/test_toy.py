@@ -135,3 +135,22 @@ def test_training_is_deterministic_and_writes_loadable_weights(tmp_path):
 
     with safe_open(str(tmp_path / "a" / "toy_turbo.safetensors"), framework="pt") as f:
         assert "txtfusion.projector.weight" in f.keys()  # the original single-file naming
+
+
+# ------------------------------------------------------------------------------------------------ ground truth
+def test_word_map_scores_against_masks_on_maps_with_known_answers():
+    from krea_sweeps.toy.ground_truth import mask_iou, pointing_game, score_word_maps
+
+    scene = world.parse_caption("a large red circle on the left and a small blue square on the right on a white "
+                                "background")
+    masks = scene.masks()
+    perfect = masks[0].astype(float)  # the object's own mask as a map
+    assert pointing_game(perfect, masks[0]) and mask_iou(perfect, masks[0]) == 1.0
+    wrong = masks[1].astype(float)
+    assert not pointing_game(wrong, masks[0]) and mask_iou(wrong, masks[0]) == 0.0
+    left_column = np.zeros((4, 4))
+    left_column[:, 0] = 1.0  # a 4×4 token map whose left column lights up: 16-pixel blocks
+    scores = score_word_maps({"red": left_column, "square": left_column, "a": left_column}, scene)
+    assert set(scores) == {"red", "square"}  # 'a' names no object
+    assert scores["red"]["pointing"] and not scores["square"]["pointing"]
+    assert 0 < scores["red"]["iou"] < 1
