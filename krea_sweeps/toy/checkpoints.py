@@ -9,7 +9,6 @@ cache.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,32 +62,32 @@ def ensure_toy_checkpoints(cache_dir: Path | None = None) -> Path:
     from ..synthetic import build_text_encoder, build_turbo_lora
     from .train import state_hash
 
+    from ..files import atomic_folder, locked
+
     info = manifest()
     root = ToyWeights().root(cache_dir)
     if (root / "COMPLETE").exists():
         return root
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     encoder = build_text_encoder()
     if state_hash(encoder.state_dict()) != info["text_encoder_sha256"]:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError("this torch builds a different tiny text encoder than the one the toy was trained with "
                            f"(torch {info['versions']['torch']}): retrain with `python -m krea_sweeps.toy.train`")
-    encoder.save_pretrained(str(tmp / "text_encoder"))
-    load_qwen_tokenizer(cache_dir).save_pretrained(str(tmp / "tokenizer"))
-    for variant in ("raw", "turbo"):
-        shutil.copyfile(WEIGHTS_DIR / f"toy_{variant}.safetensors", tmp / f"krea2_{variant}.safetensors")
-    config = json.loads((WEIGHTS_DIR / "toy_transformer_config.json").read_text())
-    Krea2Transformer2DModel.from_config(config).save_config(str(tmp / "transformer_config"))
-    vae_config = json.loads((WEIGHTS_DIR / "toy_vae_config.json").read_text())
-    vae = AutoencoderKLQwenImage.from_config({k: v for k, v in vae_config.items() if not k.startswith("_")})
-    vae.load_state_dict(load_file(str(WEIGHTS_DIR / "toy_vae.safetensors")))
-    vae.save_pretrained(str(tmp / "vae"))
-    save_file(build_turbo_lora(config), str(tmp / "turbo_lora.safetensors"))
-    (tmp / "COMPLETE").write_text(info["weights_sha256"])
-    if root.exists():  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.replace(root)
+    tokenizer = load_qwen_tokenizer(cache_dir)  # its own lock: taken before ours, never inside it
+    with locked(root):  # N processes on an empty shared cache: one builds, the others wait and reuse it
+        if (root / "COMPLETE").exists():
+            return root
+        shutil.rmtree(root, ignore_errors=True)
+        with atomic_folder(root) as tmp:
+            encoder.save_pretrained(str(tmp / "text_encoder"))
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            for variant in ("raw", "turbo"):
+                shutil.copyfile(WEIGHTS_DIR / f"toy_{variant}.safetensors", tmp / f"krea2_{variant}.safetensors")
+            config = json.loads((WEIGHTS_DIR / "toy_transformer_config.json").read_text())
+            Krea2Transformer2DModel.from_config(config).save_config(str(tmp / "transformer_config"))
+            vae_config = json.loads((WEIGHTS_DIR / "toy_vae_config.json").read_text())
+            vae = AutoencoderKLQwenImage.from_config({k: v for k, v in vae_config.items() if not k.startswith("_")})
+            vae.load_state_dict(load_file(str(WEIGHTS_DIR / "toy_vae.safetensors")))
+            vae.save_pretrained(str(tmp / "vae"))
+            save_file(build_turbo_lora(config), str(tmp / "turbo_lora.safetensors"))
+            (tmp / "COMPLETE").write_text(info["weights_sha256"])
     return root
