@@ -203,7 +203,7 @@ def test_default_run_writes_result_images_and_an_offline_wandb_run(cli):
     assert result.returncode == 0, result.stderr[-2000:]
     job = cli.cwd / "outputs" / "default" / "stock"
     record = json.loads((job / "result.json").read_text())
-    assert record["status"] == "done" and record["synthetic"] is True
+    assert record["status"] == "done" and record["synthetic"] is True and record["synthetic_weights"] == "random"
     assert {"image_stats/sharpness", "image_stats/contrast"} <= set(record["summary"])
     assert len(record["rows"]) == 2 and all((job / p).exists() for p in record["images"])
     assert set(record["timings"]) >= {"encode", "load", "total"}
@@ -211,7 +211,7 @@ def test_default_run_writes_result_images_and_an_offline_wandb_run(cli):
     assert "done stock" in log and "wandb sync" in log
     (run_dir,) = offline_runs(job)
     run = read_run(run_dir)
-    assert "synthetic" in run["run"]["tags"] and "variant:turbo" in run["run"]["tags"]
+    assert {"synthetic", "synthetic:random", "variant:turbo"} <= set(run["run"]["tags"])
     assert run["config"]["model"]["name"] == "turbo"
     # comparable across jobs: job_type = the kind of edit, stable keys W&B can group and filter on
     assert run["run"]["job_type"] == "stock" and run["config"]["variant"] == "turbo"
@@ -319,7 +319,7 @@ def test_turbo_lora_conditioning_follows_its_strength_after_a_generation_job(raw
 def test_variant_identity_is_resolved_and_keys_the_stock_images(monkeypatch):
     from conftest import compose
 
-    from krea_sweeps import models, synthetic
+    from krea_sweeps import synthetic
     from krea_sweeps.models import ModelVariant, sources_for
     from krea_sweeps.plan import plan
     from krea_sweeps.task import baseline_key
@@ -335,6 +335,9 @@ def test_variant_identity_is_resolved_and_keys_the_stock_images(monkeypatch):
     key = baseline_key(job, "a fox", 0, compiled_blocks=False)
     assert baseline_key(job, "a fox", 0, compiled_blocks=True) != key
     assert baseline_key(plan(compose(["metrics=[image_stats]", "model.dtype=float32"])), "a fox", 0, False) == key
+    toy = plan(compose(["metrics=[image_stats]", "model/synthetic_weights=toy"]))  # the trained toy: its own files
+    assert toy.variant.identity()["synthetic_version"].startswith("toy-")
+    assert baseline_key(toy, "a fox", 0, compiled_blocks=False) != key
     strengths = [plan(compose(["model=turbo_lora", f"model.lora_strength={s}", "metrics=[image_stats]"]))
                  for s in (0.5, 0.8)]
     assert len({baseline_key(j, "a fox", 0, False) for j in strengths}) == 2
@@ -343,7 +346,6 @@ def test_variant_identity_is_resolved_and_keys_the_stock_images(monkeypatch):
     # (prompts.EncodeCache keys on `sources.text_encoder`) both change.
     before = sources_for(ModelVariant(name="turbo"), ensure=False)
     monkeypatch.setattr(synthetic, "SYNTHETIC_VERSION", "v-next")
-    monkeypatch.setattr(models, "SYNTHETIC_VERSION", "v-next")
     after = sources_for(ModelVariant(name="turbo"), ensure=False)
     assert after.text_encoder != before.text_encoder and after.transformer != before.transformer
     assert baseline_key(job, "a fox", 0, compiled_blocks=False) != key

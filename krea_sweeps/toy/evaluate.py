@@ -3,8 +3,8 @@
 Prompt following: every held-out single-object caption (a (colour, shape) pair never seen in training) is generated
 through Krea2Pipeline (Raw: 28 steps, CFG; Turbo: 8 steps, no CFG — the variants' own configs) and read back against
 its scene: the colour of the pixels inside the object's mask (nearest palette colour), the object's position (the
-centroid of the pixels whose nearest palette colour is the object's, nearest named position), its size (their area,
-nearest of small/large) and the background (border pixels). Accuracy per attribute.
+centroid of the non-background pixels, nearest named position), its size (their area, nearest of small/large) and
+the background (border pixels). Accuracy per attribute.
 
 Interventions: solo / leave-one-out at L20, knockout of key L20, rebalance (deep_boost), built from their own
 `conf/intervention/*.yaml`, change each image by mean |Δpixel| against the stock image of the same seed; the ratio to
@@ -25,6 +25,7 @@ import numpy as np
 from . import world
 
 REPO = Path(__file__).resolve().parents[2]
+FOREGROUND_DISTANCE = 60.0  # RGB distance (0-255) from the background above which a pixel belongs to an object
 INTERVENTIONS = {  # label -> (conf/intervention/<name>.yaml, overrides)
     "solo L20": ("solo", {"layer": 20}),
     "leave_one_out L20": ("leave_one_out", {"layer": 20}),
@@ -42,7 +43,10 @@ def _nearest(palette: dict[str, tuple], rgb: np.ndarray) -> str:
 
 def read_scene(image: np.ndarray, scene: world.Scene) -> dict:
     """What an image [H, W, 3] (floats in [0, 1] or uint8) shows, read against `scene`: per object the colour inside
-    its mask, the centroid position and size of its colour's pixels, their IoU with its mask; the background."""
+    its mask; where the object is (centroid → nearest named position) and how big (area → nearest size), from the
+    pixels that are not background in a one-object scene — so position does not depend on the colour being right —
+    and from the pixels nearest the object's colour when there are several; their IoU with its mask; the
+    background (median of the border)."""
     img = image.astype(np.float32) * (255.0 if image.dtype != np.uint8 else 1.0)
     border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3), img[:, :2].reshape(-1, 3),
                              img[:, -2:].reshape(-1, 3)])
@@ -51,9 +55,10 @@ def read_scene(image: np.ndarray, scene: world.Scene) -> dict:
     names = list(palette)
     dist = ((img[:, :, None, :] - np.array([palette[n] for n in names], np.float32)) ** 2).sum(-1)
     label = np.array(names)[dist.argmin(-1)]
+    foreground = np.sqrt(((img - background) ** 2).sum(-1)) > FOREGROUND_DISTANCE
     objects = []
     for obj, mask in zip(scene.objects, scene.masks()):
-        pixels = label == obj.colour
+        pixels = foreground if len(scene.objects) == 1 else label == obj.colour
         area = int(pixels.sum())
         if area:
             ys, xs = np.nonzero(pixels)

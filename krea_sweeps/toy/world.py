@@ -165,9 +165,9 @@ def _parse_phrase(phrase: str) -> Obj | None:
 # ---------------------------------------------------------------------------------------------- prompts = toy
 @dataclass
 class WorldPrompts:
-    """`prompts=toy`: captions in the world's grammar, each with its scene, so every image has ground truth (the job
-    record carries each prompt's objects and `arrays/scenes.masks_pNN.npy`). A caption outside the grammar is a config
-    error: it would have no truth to score against."""
+    """`prompts=toy`: captions of the world, so every image has ground truth (the job record carries each prompt's
+    objects and `arrays/scenes.masks_pNN.npy`). Any other text may be given too (`prompts.prompts=[…]` keeps working
+    on the default prompt set); it simply has no scene (`null` in the record)."""
 
     name: str = "toy"
     prompts: list[str] = field(default_factory=list)
@@ -179,22 +179,24 @@ class WorldPrompts:
         require(len(self.prompts) > 0, "prompts.prompts", "the toy prompt set is empty",
                 "give captions like 'a small red circle on the left on a white background'")
         for p in self.prompts:
-            require(parse_caption(p) is not None, "prompts.prompts", f"{p!r} is not a caption of the toy world",
-                    f"write 'a <{'|'.join(SIZES)}> <{'|'.join(COLOURS)}> <{'|'.join(SHAPES)}> "
-                    f"<{'|'.join(POSITION_WORDS.values())}> [and a …] on a <{'|'.join(BACKGROUNDS)}> background'")
+            require(p.strip() != "", "prompts.prompts", "the toy prompt set has an empty prompt", "remove it")
 
     def load(self) -> list[str]:
         return list(self.prompts)
 
-    def scenes(self) -> list[Scene]:
+    def scenes(self) -> list[Scene | None]:
+        """Each prompt's scene, or None for text outside the world's grammar."""
         return [parse_caption(p) for p in self.prompts]
 
-    def ground_truth(self, arrays_dir) -> list[dict]:
+    def ground_truth(self, arrays_dir) -> list[dict | None]:
         """Each prompt's scene as data, its masks saved as `arrays/scenes.masks_pNN.npy` [n_objects, 64, 64] bool."""
         from pathlib import Path
 
         out = []
         for i, scene in enumerate(self.scenes()):
+            if scene is None:
+                out.append(None)
+                continue
             Path(arrays_dir).mkdir(parents=True, exist_ok=True)
             file = Path(arrays_dir) / f"scenes.masks_p{i:02d}.npy"
             np.save(file, scene.masks())
