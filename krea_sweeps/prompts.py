@@ -218,12 +218,15 @@ class EncodeCache:
                            "len": max_sequence_length, "format": ENCODE_CACHE_FORMAT}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
-    def get(self, model, prompts: list[str], max_sequence_length: int) -> Encoded:
-        """Encoded taps for `prompts` (batch in order), encoding only those not cached in memory or on disk."""
+    def get(self, model, prompts: list[str], max_sequence_length: int,
+            layers: tuple[int, ...] | None = None) -> Encoded:
+        """Encoded taps for `prompts` (batch in order), encoding only those not cached in memory or on disk.
+        `layers` picks other encoder hidden states than Krea 2's 12 (0 = embeddings; the Diffusion Lens): they are
+        cached the same way, under their own key, so a lens sweep encodes each (prompt, layer) once."""
         from .files import file_identity, load_verified, save_verified
 
-        identity = {"text_encoder": model.sources.text_encoder, "dtype": str(model.dtype),
-                    "layers": list(model.variant.select_layers)}
+        layers = tuple(model.variant.select_layers) if layers is None else tuple(int(x) for x in layers)
+        identity = {"text_encoder": model.sources.text_encoder, "dtype": str(model.dtype), "layers": list(layers)}
         if not model.variant.synthetic:  # a replaced encoder under the same path must not hit the old entries
             identity["files"] = file_identity(model.sources.text_encoder)
         out = []
@@ -237,8 +240,7 @@ class EncodeCache:
                     self.hits += 1
                 else:
                     self.misses += 1
-                    enc = encode(model.tokenizer, model.text_encoder, [prompt], max_sequence_length,
-                                 tuple(model.variant.select_layers))
+                    enc = encode(model.tokenizer, model.text_encoder, [prompt], max_sequence_length, layers)
                     self.memory[k] = enc
                     if file is not None:
                         save_verified(file, {"taps": enc.taps, "mask": enc.mask, "num_suffix": enc.num_suffix})

@@ -164,9 +164,10 @@ class JobContext:
     def text_path(self):
         return self.model.text_path
 
-    def encode(self, prompts: list[str]):
+    def encode(self, prompts: list[str], layers: tuple[int, ...] | None = None):
+        """Encoded prompts (cached); `layers` = other encoder hidden states than the 12 taps (the Diffusion Lens)."""
         cache = self.session.encode_cache(self.encode_folder)
-        return cache.get(self.model, prompts, self.job.sampler.max_sequence_length)
+        return cache.get(self.model, prompts, self.job.sampler.max_sequence_length, layers)
 
     @property
     def encode_folder(self) -> Path:
@@ -176,7 +177,9 @@ class JobContext:
         from .interventions import InterventionContext
 
         return InterventionContext(text_path=self.text_path, encode=self.encode, num_steps=self.job.sampler.steps,
-                                   projector_chains=self.session.projector_chains)
+                                   projector_chains=self.session.projector_chains,
+                                   prompts=[*self.job.prompts, self.job.sampler.negative_prompt],
+                                   encode_layers=self.encode)
 
     @contextmanager
     def intervened(self):

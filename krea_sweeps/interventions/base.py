@@ -27,6 +27,10 @@ class InterventionContext:
     text_dim: int | None = None
     # The projector's edit chain per module (the job's session's): edits attached through this context compose.
     projector_chains: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    # The prompts whose states may enter text_fusion while attached (the job's prompts and negative prompt) and a way
+    # to encode other encoder layers of them: what the lens and patch interventions look their rows up in.
+    prompts: list[str] | None = None
+    encode_layers: Callable[[list[str], tuple[int, ...]], Any] | None = None
 
 
 @dataclass

@@ -184,3 +184,45 @@ def capture(ctx, encoded, site: str):
     with torch.no_grad(), scope:
         ctx.text_path(encoded.taps, encoded.mask)
     return grabbed["x"]
+
+
+# --------------------------------------------------------------------------------------------- rows → prompts
+ENCODER_LAYERS = 36  # Qwen3-VL's decoder layers (real and synthetic): hidden states 0 (embeddings) … 36
+
+
+def fusion_mask(args: tuple, kwargs: dict):
+    """text_fusion's token mask [B, T] bool from its call (None: every token valid, e.g. the trimmed fast path)."""
+    m = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    return None if m is None else m.reshape(m.shape[0], m.shape[-1]).bool()
+
+
+def valid_columns(mask, b: int, length: int, device):
+    import torch
+
+    return torch.ones(length, dtype=torch.bool, device=device) if mask is None else mask[b].to(device)
+
+
+class PromptRows:
+    """Which known prompt each row of a text_fusion input holds, found by its valid tokens' taps (bit-equal).
+
+    A hook on text_fusion sees tensors, not prompts: the pipeline repeats a prompt's taps per seed, the fast path
+    trims the padding, conditioning metrics batch prompts. Matching the valid tokens' taps identifies the prompt in
+    all of these (identical prompts have identical taps, so which one matches does not matter)."""
+
+    def __init__(self, encoded):
+        self.valid = [encoded.taps[i][encoded.mask[i].bool()] for i in range(encoded.taps.shape[0])]
+        self.content = [encoded.content[i][encoded.mask[i].bool()] for i in range(encoded.taps.shape[0])]
+
+    def find(self, x, mask) -> list[int | None]:
+        import torch
+
+        out = []
+        for b in range(x.shape[0]):
+            xv = x[b, valid_columns(mask, b, x.shape[1], x.device)]
+            hit = None
+            for i, cand in enumerate(self.valid):
+                if cand.shape == xv.shape and torch.equal(cand.to(xv.device), xv):
+                    hit = i
+                    break
+            out.append(hit)
+        return out
