@@ -202,6 +202,19 @@ class JobContext:
 
 
 # ------------------------------------------------------------------------------------------------------ execute
+def recorders(ctx: JobContext, kind: str, p: int, seeds: list[int]):
+    """The metrics' recordings around one prompt's generation (`kind`: stock | job): metrics that read the DiT while
+    it denoises (word maps, concept maps) declare `records_generation` and record into `ctx.cache` — during the very
+    generation whose images the job keeps, so recording cannot be a second, different run."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    for metric in ctx.job.metrics:
+        if getattr(metric, "records_generation", False):
+            stack.enter_context(metric.recording(ctx, kind, p, seeds))
+    return stack
+
+
 def generate_images(ctx: JobContext, pipe, with_interventions: bool, keys: list[tuple[int, int]],
                     desc: str) -> dict[tuple[int, int], np.ndarray]:
     from tqdm.auto import tqdm
@@ -220,8 +233,9 @@ def generate_images(ctx: JobContext, pipe, with_interventions: bool, keys: list[
         by_prompt.setdefault(p, []).append(seed)
     with scope:
         for p, seeds in by_prompt.items():  # seeds of one prompt together: `sampler.batch_seeds` batches them
-            images = generate_many(pipe, job.sampler, ctx.encoded.index(p), ctx.negative, seeds,
-                                   on_step=lambda: bar.update(1), step_dependent=step_dependent)
+            with recorders(ctx, "job" if with_interventions else "stock", p, seeds):
+                images = generate_many(pipe, job.sampler, ctx.encoded.index(p), ctx.negative, seeds,
+                                       on_step=lambda: bar.update(1), step_dependent=step_dependent)
             out.update({(p, seed): image for seed, image in zip(seeds, images)})
     bar.close()
     return out

@@ -160,3 +160,37 @@ def plot_against(ax, xs, ys, label_text: str | None = None, offset: float = 0.0)
     positions = [categories.index(str(x)) + offset for x in xs]
     ax.plot(positions, ys, "o", linestyle="none", label=label_text)
     ax.set_xticks(range(len(categories)), categories, rotation=45, ha="right", fontsize=7)
+
+
+def word_map_grid(image: np.ndarray, maps: np.ndarray, words: list[str], title: str, cols: int = 6) -> np.ndarray:
+    """One panel per word: the maps [words, H, W] over the image (grey), one shared colour scale with its bar; axis
+    ticks on the outer panels only (a fixed layout: constrained layout costs seconds per figure)."""
+    from matplotlib.figure import Figure
+
+    n = max(len(words), 1)
+    cols = min(cols, n)
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(1.7 * cols + 1.2, 1.8 * rows + 0.6), dpi=100)
+    fig.subplots_adjust(left=0.08, right=0.86, bottom=0.08, top=0.9, wspace=0.15, hspace=0.3)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    grey = np.asarray(image, dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
+    vmax = float(np.max(maps)) if len(maps) and np.max(maps) > 0 else 1.0
+    h, w = grey.shape
+    im = None
+    for i, ax in enumerate(axes.flat):
+        if i >= len(words):
+            ax.axis("off")
+            continue
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=1, extent=(0, w, h, 0))
+        im = ax.imshow(maps[i], cmap="inferno", alpha=0.6, vmin=0.0, vmax=vmax, extent=(0, w, h, 0),
+                       interpolation="nearest")
+        ax.set_title(words[i][:18], fontsize=8)
+        ax.tick_params(labelsize=5)
+        if i % cols == 0:
+            ax.set_ylabel("y (px)", fontsize=6)
+        if i // cols == rows - 1 or i + cols >= len(words):
+            ax.set_xlabel("x (px)", fontsize=6)
+    if im is not None:
+        fig.colorbar(im, cax=fig.add_axes((0.89, 0.15, 0.02, 0.7)), label="attention probability on the word")
+    fig.suptitle(title, fontsize=9)
+    return _render(fig)
