@@ -219,7 +219,8 @@ def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
     prompts = prompt_set.load()
     seeds = normalise_seeds(cfg.get("seeds"))
     interventions = effective_interventions(cfg)
-    ictx = InterventionContext(num_steps=sampler.steps, guidance=sampler.guidance, text_dim=_text_dim(variant))
+    ictx = InterventionContext(num_steps=sampler.steps, guidance=sampler.guidance, text_dim=_text_dim(variant),
+                               prompts=prompts)
     validate_all(interventions, ictx)
     metric_nodes = cfg.get("metrics") or {}
     require(len(metric_nodes) > 0, "metrics", "no metrics selected", "select some, e.g. metrics=[image_stats]")

@@ -276,6 +276,26 @@ def produce_images(ctx: JobContext) -> None:
         save_png(job.job_dir / "images" / f"p{p:02d}_s{s}.png", image)
 
 
+def stock_images_of(ctx: JobContext, prompt: str, seeds: list[int]) -> dict[int, np.ndarray]:
+    """Stock images of any prompt (e.g. a patch pair's clean prompt) at `seeds`, through the sweep's stock-image cache."""
+    from .sampler import generate_many
+
+    out, missing = {}, []
+    for s in seeds:
+        image = cached_baseline(ctx.session, ctx.job, baseline_key(ctx.job, prompt, s, bool(ctx.compiled_blocks)))
+        if image is None:
+            missing.append(s)
+        else:
+            out[s] = image
+    if missing:
+        fresh = generate_many(ctx.model.pipeline(), ctx.job.sampler, ctx.encode([prompt]), ctx.negative, missing)
+        ctx.session.baseline_generations += len(fresh)
+        for s, image in zip(missing, fresh):
+            store_baseline(ctx.session, ctx.job, baseline_key(ctx.job, prompt, s, bool(ctx.compiled_blocks)), image)
+            out[s] = image
+    return out
+
+
 def execute(job: Job, session: Session) -> dict:
     """Run one planned job with the session's caches and return its record (not yet written)."""
     import torch

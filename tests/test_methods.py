@@ -195,3 +195,127 @@ def test_map_summaries_on_hand_made_maps():
     other[3, 0] = 1.0
     c = compare_maps(m, other)
     assert c["iou"] == 0.0 and c["corr"] < 0
+
+
+# ------------------------------------------------------------------------------------------ patching and tracing
+PAIRS = [["a photo of a smiling woman in a garden", "a photo of a serious woman in a garden"],
+         ["an ornate wooden door in a stone wall", "a very plain wooden door in a stone wall"]]
+CLEAN, CORRUPTED = [a for a, _ in PAIRS], [b for _, b in PAIRS]
+
+
+@pytest.mark.parametrize("site", ["taps", "slots", "block", "fused"])
+def test_patch_all_is_the_clean_run_and_patch_none_the_corrupted(turbo, site):
+    """On the valid tokens (pads are masked keys whose own lanes are never read), bit for bit, one prompt a row."""
+    from krea_sweeps.interventions import Patch
+
+    valid = [enc(turbo, [b]).mask[0] for b in CORRUPTED]
+    for i, (a, b) in enumerate(PAIRS):
+        clean, corrupted = fused(turbo, prompts=[a])[0], fused(turbo, prompts=[b])[0]
+        everything = fused(turbo, [Patch(pairs=PAIRS, site=site, block=1)], prompts=[b])[0]
+        assert torch.equal(everything[valid[i]], clean[enc(turbo, [a]).mask[0]])
+        nothing = fused(turbo, [Patch(pairs=PAIRS, site=site, tokens=[40, 41])], prompts=[b])[0]  # hooks, no edit
+        assert torch.equal(nothing, corrupted)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_patch_all_generates_the_clean_image(turbo, fast):
+    from krea_sweeps.interventions import Patch
+
+    for site in ("slots", "fused"):
+        got = images(turbo, CORRUPTED[0], interventions=[Patch(pairs=PAIRS[:1], site=site)], fast=fast)[0]
+        assert np.array_equal(got, images(turbo, CLEAN[0], fast=fast)[0])
+    one_slot = images(turbo, CORRUPTED[0], interventions=[Patch(pairs=PAIRS[:1], slots=[6])], fast=fast)[0]
+    assert not np.array_equal(one_slot, images(turbo, CORRUPTED[0], fast=fast)[0])
+
+
+def test_patch_token_span_replaces_exactly_those_positions(turbo):
+    from krea_sweeps.interventions import Patch
+    from krea_sweeps.interventions.patch import site_states
+
+    ctx = context(turbo, CORRUPTED)
+    b, a = enc(turbo, CORRUPTED[:1]), enc(turbo, CLEAN[:1])
+    x_b, x_a = site_states(turbo.text_path, b, "slots"), site_states(turbo.text_path, a, "slots")
+    seen = {}
+    patch = Patch(pairs=PAIRS[:1], site="slots", slots=["L20", 3], tokens=[4, 6])
+    with torch.no_grad(), applied([patch], ctx), \
+            torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: None):
+        h = turbo.text_path.text_fusion.projector.register_forward_pre_hook(
+            lambda m, args: seen.__setitem__("x", args[0]))
+        turbo.text_path(b.taps, b.mask)
+        h.remove()
+    expected = x_b.clone()
+    expected[0, 4:6][..., [3, 6]] = x_a[0, 4:6][..., [3, 6]]  # same user-text ranks: no padding before the content
+    assert torch.equal(seen["x"], expected)
+
+
+def test_restoration_and_attribution_cli(cli):
+    import json
+
+    proc = cli("+experiment=causal_tracing", "intervention.slots=6", "wandb.mode=offline", "sampler.steps=2",
+               f"sampler.max_sequence_length={MSL}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = (cli.cwd / "outputs").glob("causal_tracing/*/result.json")
+    record = json.loads(result.read_text())
+    assert {"restoration/image", "restoration/cond"} <= set(record["summary"])
+    grid = np.load(result.parent / "arrays" / "restoration.p00.grid.npy")
+    assert grid.shape[0] == 12 and np.isfinite(grid).all()
+    assert (result.parent / "figures" / "restoration_p00.png").exists()
+    proc = cli("+experiment=attribution", "wandb.mode=disabled", f"sampler.max_sequence_length={MSL}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = (cli.cwd / "outputs").glob("attribution/*/result.json")
+    record = json.loads(result.read_text())
+    assert "attribution/corr_patching" in record["summary"]
+    assert (result.parent / "figures" / "attribution_p00.png").exists()
+
+
+def test_restoration_is_one_for_patch_all_and_zero_for_patch_none(turbo):
+    from krea_sweeps.interventions import Patch
+    from krea_sweeps.metrics.tracing import aligned_rows, distance, restoration
+
+    b, a = enc(turbo, CORRUPTED[:1]), enc(turbo, CLEAN[:1])
+    rows_b, rows_a = aligned_rows(b, a)
+    f_a, f_b = fused(turbo, prompts=CLEAN[:1]), fused(turbo, prompts=CORRUPTED[:1])
+    d_ba = float(distance(f_b, f_a, rows_b, rows_a))
+    for patch, want in ((Patch(pairs=PAIRS, site="taps"), 1.0), (Patch(pairs=PAIRS, tokens=[30, 31]), 0.0)):
+        f = fused(turbo, [patch], prompts=CORRUPTED[:1])
+        assert restoration(float(distance(f, f_a, rows_b, rows_a)), d_ba) == want
+
+
+@pytest.mark.parametrize("site", ["taps", "slots", "block"])
+def test_attribution_equals_finite_differences(turbo, site):
+    """The attribution a[k,t] is the directional derivative of R² along (x_A − x_B) at (k, t): central differences
+    on a float64 copy of the text path."""
+    import copy
+
+    from krea_sweeps.interventions import Patch
+    from krea_sweeps.interventions.patch import site_states
+    from krea_sweeps.metrics.tracing import aligned_rows, attribution_grid, distance, site_replaced
+    from krea_sweeps.prompts import Encoded
+
+    tp = copy.deepcopy(turbo.text_path).double()
+    for m in tp.modules():  # Krea2RMSNorm upcasts to float32 by design: the same norm in float64 for the copy
+        if type(m).__name__ == "Krea2RMSNorm":
+            m.forward = lambda x, m=m: torch.nn.functional.rms_norm(x, (m.dim,), weight=m.weight + 1.0, eps=m.eps)
+    b, a = enc(turbo, CORRUPTED[:1]), enc(turbo, CLEAN[:1])
+    b, a = (Encoded(e.taps.double(), e.mask, e.num_suffix) for e in (b, a))
+    patch = Patch(pairs=PAIRS[:1], site=site, block=1)
+    grid = attribution_grid(tp, patch, b, a)
+    rows_b, rows_a = aligned_rows(b, a)
+    with torch.no_grad():
+        f_a, f_b = tp(a.taps, a.mask), tp(b.taps, b.mask)
+        x_b, x_a = site_states(tp, b, site, 1), site_states(tp, a, site, 1)
+    d2 = distance(f_b, f_a, rows_b, rows_a) ** 2
+
+    def r2(x):
+        with torch.no_grad(), site_replaced(tp, site, x, 1):
+            return float(1 - distance(tp(b.taps, b.mask), f_a, rows_b, rows_a) ** 2 / d2)
+
+    eps = 1e-5
+    for k, t in [(0, 0), (6, 4), (11, 2), (3, 7)]:
+        delta = torch.zeros_like(x_b)
+        if site == "slots":
+            delta[0, t, :, k] = x_a[0, t, :, k] - x_b[0, t, :, k]
+        else:
+            delta[0, t, k] = x_a[0, t, k] - x_b[0, t, k]
+        fd = (r2(x_b + eps * delta) - r2(x_b - eps * delta)) / (2 * eps)
+        assert abs(fd - grid[k, t]) <= 1e-6 * max(1.0, abs(fd)), (k, t, fd, grid[k, t])

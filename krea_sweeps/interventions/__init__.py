@@ -19,6 +19,7 @@ Slots/taps are addressed by index (`6`) or encoder layer (`L20` in lists, `layer
 
 from .attention import Knockout
 from .lens import Lens
+from .patch import Patch
 from .base import Intervention, InterventionContext, NoIntervention, applied, describe_all, keyed, validate_all
 from .projector import DIFF_KEY, PRESETS, LayerGains, LeaveOneOut, LoraFile, Rebalance, Solo
 from .steer import Steer
@@ -26,6 +27,6 @@ from .taps import Ablate, TapScale
 
 __all__ = [
     "Intervention", "InterventionContext", "NoIntervention", "applied", "describe_all", "keyed", "validate_all",
-    "LayerGains", "Solo", "LeaveOneOut", "Rebalance", "LoraFile", "TapScale", "Ablate", "Knockout", "Steer", "Lens",
+    "LayerGains", "Solo", "LeaveOneOut", "Rebalance", "LoraFile", "TapScale", "Ablate", "Knockout", "Steer", "Lens", "Patch",
     "DIFF_KEY", "PRESETS",
 ]

@@ -24,12 +24,13 @@ def _figure(width: float, height: float):
 
 
 def heatmap(matrix: np.ndarray, title: str, xlabels: list[str] | None = None, ylabels: list[str] | None = None,
-            xlabel: str = "key", ylabel: str = "query", vmax: float | None = None) -> np.ndarray:
+            xlabel: str = "key", ylabel: str = "query", vmax: float | None = None, vmin: float = 0.0,
+            colorbar_label: str | None = None) -> np.ndarray:
     fig = _figure(5.2, 4.6)
     ax = fig.add_subplot()
-    im = ax.imshow(np.asarray(matrix, dtype=np.float64), cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto",
+    im = ax.imshow(np.asarray(matrix, dtype=np.float64), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto",
                    interpolation="nearest")
-    fig.colorbar(im, ax=ax, shrink=0.85)
+    fig.colorbar(im, ax=ax, shrink=0.85, label=colorbar_label)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
