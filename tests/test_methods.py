@@ -319,3 +319,18 @@ def test_attribution_equals_finite_differences(turbo, site):
             delta[0, t, k] = x_a[0, t, k] - x_b[0, t, k]
         fd = (r2(x_b + eps * delta) - r2(x_b - eps * delta)) / (2 * eps)
         assert abs(fd - grid[k, t]) <= 1e-6 * max(1.0, abs(fd)), (k, t, fd, grid[k, t])
+
+
+def test_tracing_grid_cells_equal_single_patch_interventions(turbo):
+    from krea_sweeps.interventions import Patch
+    from krea_sweeps.metrics.tracing import aligned_rows, distance, restoration, single_patch_grid
+
+    b, a = enc(turbo, CORRUPTED[1:]), enc(turbo, CLEAN[1:])
+    for site in ("slots", "taps"):
+        grid = single_patch_grid(turbo.text_path, Patch(pairs=PAIRS, site=site), b, a)
+        rows_b, rows_a = aligned_rows(b, a)
+        f_a, f_b = fused(turbo, prompts=CLEAN[1:]), fused(turbo, prompts=CORRUPTED[1:])
+        for k, t in [(6, 2), (0, 0), (11, 5)]:
+            f = fused(turbo, [Patch(pairs=PAIRS, site=site, slots=[k], tokens=[t, t + 1])], prompts=CORRUPTED[1:])
+            want = restoration(float(distance(f, f_a, rows_b, rows_a)), float(distance(f_b, f_a, rows_b, rows_a)))
+            assert abs(grid[k, t] - want) < 1e-5, (site, k, t, grid[k, t], want)

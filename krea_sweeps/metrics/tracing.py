@@ -95,29 +95,36 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------------- computations
-def single_patch_grid(ctx_factory, text_path, patch: Patch, prompt_b: str, enc_b, enc_a, squared: bool = False
-                      ) -> np.ndarray:
+def single_patch_grid(text_path, patch: Patch, enc_b, enc_a, squared: bool = False) -> np.ndarray:
     """Conditioning restoration of each single (slot, user-text token) patch at `patch`'s site: [slots, tokens]
-    (one row at `fused`, which has no slot axis). `squared`: the R² form that attribution linearises."""
-    from ..interventions import applied
+    (one row at `fused`, which has no slot axis). `squared`: the R² form that attribution linearises.
 
-    prompt_a = patch.clean_of(prompt_b)
+    Each cell runs the text path once with B's site activation, one (slot, token) entry taken from A's, set in
+    place (`site_replaced`), on the trimmed encodings (no padding: the same math on ~40 instead of 512 tokens)."""
+    from ..sampler import trim_padding
+
+    enc_b, enc_a = trim_padding(enc_b), trim_padding(enc_a)
+    site, block = patch.site, patch.block
     rows_b, rows_a = aligned_rows(enc_b, enc_a)
     with torch.no_grad():
         f_a, f_b = text_path(enc_a.taps, enc_a.mask), text_path(enc_b.taps, enc_b.mask)
+        x_b = site_states(text_path, enc_b, site, block)
+        x_a = site_states(text_path, enc_a, site, block)
     d_ba = float(distance(f_b, f_a, rows_b, rows_a))
     n_tokens = min(int(enc_b.content.sum()), int(enc_a.content.sum()))
-    slots = [None] if patch.site == "fused" else list(range(NUM_SLOTS))
+    slots = [None] if site == "fused" else list(range(NUM_SLOTS))
     grid = np.full((len(slots), int(enc_b.content.sum())), np.nan)
     for r, k in enumerate(slots):
-        for t in range(n_tokens):
-            single = Patch(pairs=[[prompt_a, prompt_b]], site=patch.site, slots=[] if k is None else [k],
-                           tokens=[t, t + 1], block=patch.block)
+        for t in range(n_tokens):  # content token t sits at position t in both (trimmed: no padding before it)
+            x = x_b.clone()
             if k is None:
-                single.slots = list(range(NUM_SLOTS))  # fused: every feature of the token
-            with torch.no_grad(), applied([single], ctx_factory()):
-                f = text_path(enc_b.taps, enc_b.mask)
-            d = float(distance(f, f_a, rows_b, rows_a))
+                x[0, t] = x_a[0, t]
+            elif site == "slots":
+                x[0, t, :, k] = x_a[0, t, :, k]
+            else:
+                x[0, t, k] = x_a[0, t, k]
+            with torch.no_grad(), site_replaced(text_path, site, x, block):
+                d = float(distance(text_path(enc_b.taps, enc_b.mask), f_a, rows_b, rows_a))
             grid[r, t] = (1.0 - d * d / (d_ba * d_ba) if d_ba > 0 else math.nan) if squared else restoration(d, d_ba)
     return grid
 
@@ -200,7 +207,7 @@ class Restoration(Metric):
             else:
                 rows.append(row)
             if self.grid:
-                grid = single_patch_grid(ctx.intervention_context, ctx.text_path, patch, prompt_b, enc_b, enc_a)
+                grid = single_patch_grid(ctx.text_path, patch, enc_b, enc_a)
                 arrays[f"p{p:02d}.grid"] = grid
                 images[f"restoration/p{p:02d}"] = (tracing_heatmap(
                     grid, token_labels(ctx.model.tokenizer, prompt_b, grid.shape[1]), patch,
@@ -230,18 +237,19 @@ class Attribution(Metric):
         the_patch(job)
 
     def compute(self, ctx) -> MetricOutput:
+        from ..sampler import trim_padding
+
         patch = the_patch(ctx.job)
         rows, arrays, images = [], {}, {}
         for p, prompt_b in enumerate(ctx.job.prompts):
             prompt_a = patch.clean_of(prompt_b)
             enc_b, enc_a = ctx.encoded.index(p), ctx.encode([prompt_a])
-            grid = attribution_grid(ctx.text_path, patch, enc_b, enc_a)
+            grid = attribution_grid(ctx.text_path, patch, trim_padding(enc_b), trim_padding(enc_a))
             arrays[f"p{p:02d}.grid"] = grid
             row = {"prompt_idx": p, "prompt": prompt_b, "clean": prompt_a, "total": float(np.nansum(grid))}
             labels = token_labels(ctx.model.tokenizer, prompt_b, grid.shape[1])
             if self.compare:
-                true = single_patch_grid(ctx.intervention_context, ctx.text_path, patch, prompt_b, enc_b, enc_a,
-                                         squared=True)
+                true = single_patch_grid(ctx.text_path, patch, enc_b, enc_a, squared=True)
                 arrays[f"p{p:02d}.patching"] = true
                 row["corr_patching"] = pearson(grid, true)
             rows.append(row)
