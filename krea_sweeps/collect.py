@@ -470,6 +470,113 @@ def fig_contact_sheet(jobs: list[JobRecord], labels: dict[str, str], sweep_dir: 
     return save_figure(fig, out / "contact_sheet.png")
 
 
+def _first_kind(job: JobRecord, kind: str) -> dict | None:
+    return next((i for i in job.interventions if i.get("kind") == kind), None)
+
+
+def fig_word_map_grid(jobs: list[JobRecord], labels: dict[str, str], out: Path, max_words: int = 10) -> Path | None:
+    """The word_maps preset's headline: rows = jobs, columns = the words of prompt 0 (first seed), each the word's
+    attention map over the image ([words, H, W] arrays), one colour scale."""
+    rows = []
+    for job in jobs:
+        arrays = job.dir / "arrays"
+        words_file = arrays / "word_maps.p00.words.npy"
+        maps_file = arrays / f"word_maps.p00_s{job.seeds[0]}.npy"
+        if job.status == "done" and words_file.exists() and maps_file.exists():
+            rows.append((labels.get(job.name, job.name), [str(w) for w in np.load(words_file)], np.load(maps_file)))
+    if not rows:
+        return None
+    plt = _plt()
+    words = rows[0][1][:max_words]
+    vmax = max(float(m.max()) for _, _, m in rows) or 1.0
+    fig, panels = plt.subplots(len(rows), len(words), figsize=(1.5 * len(words) + 1.5, 1.6 * len(rows) + 0.8),
+                               squeeze=False)
+    im = None
+    for r, (label, row_words, maps) in enumerate(rows):
+        for c, word in enumerate(words):
+            ax = panels[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(maps) and c < len(row_words):
+                im = ax.imshow(maps[c], vmin=0, vmax=vmax, cmap="inferno")
+            if r == 0:
+                ax.set_title(word[:14], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(label[:24], fontsize=6)
+    fig.suptitle(f"word maps · prompt 0 · {rows[0][2].shape[1]}×{rows[0][2].shape[2]} px · rows = jobs, columns = "
+                 "words", fontsize=8)
+    if im is not None:
+        fig.colorbar(im, ax=panels, shrink=0.6, label="attention probability on the word")
+    return save_figure(fig, out / "word_map_grid.png", tight=False)
+
+
+def _load_rgb(file: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(file).convert("RGB"), dtype=np.float32) / 255.0
+
+
+def fig_lens_strip(jobs: list[JobRecord], sweep_dir: Path, out: Path, max_rows: int = 6) -> Path | None:
+    """The diffusion_lens preset's headline: rows = prompts, one column per encoder layer ℓ fed to all 12 taps
+    (stock first when cached), at each job's first seed."""
+    lens = sorted(((int(d["layer"]), j) for j in jobs if j.status == "done" for d in [_first_kind(j, "lens")]
+                   if d is not None and d.get("tap") is None), key=lambda t: t[0])
+    if not lens:
+        return None
+    columns = []
+    stock = stock_images(lens[0][1], sweep_dir)
+    if stock:
+        columns.append(("stock", stock))
+    for layer, job in lens:
+        columns.append((f"{layer}", {p: _load_rgb(f) for p in range(len(job.prompts))
+                                     for f in [job.dir / "images" / f"p{p:02d}_s{job.seeds[0]}.png"] if f.exists()}))
+    rows = min(max_rows, len(lens[0][1].prompts))
+    plt = _plt()
+    fig, panels = plt.subplots(rows, len(columns), figsize=(0.9 * len(columns) + 1.2, 1.0 * rows + 0.9),
+                               squeeze=False)
+    for c, (label, images) in enumerate(columns):
+        for r in range(rows):
+            ax = panels[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r in images:
+                ax.imshow(np.clip(images[r], 0, 1))
+            if r == rows - 1:
+                ax.set_xlabel(label, fontsize=6)
+            if c == 0:
+                ax.set_ylabel(f"prompt {r}", fontsize=6)
+    fig.suptitle("Diffusion Lens: encoder hidden state ℓ fed to all 12 taps (columns: ℓ; stock first)", fontsize=8)
+    return save_figure(fig, out / "lens_strip.png")
+
+
+def fig_tracing_heatmap(jobs: list[JobRecord], out: Path) -> Path | None:
+    """The causal_tracing / attribution presets' headline: per pair, restoration (or attribution) of single
+    (slot, token) patches, slots × user-text tokens, from the first finished job that computed them."""
+    for metric, value in (("restoration", "conditioning restoration"), ("attribution", "attribution (ΔR²)")):
+        for job in jobs:
+            grids = sorted((job.dir / "arrays").glob(f"{metric}.p*.grid.npy")) if job.status == "done" else []
+            if not grids:
+                continue
+            plt = _plt()
+            fig, panels = plt.subplots(1, len(grids), figsize=(4.2 * len(grids) + 0.5, 3.8), squeeze=False)
+            for ax, file in zip(panels[0], grids):
+                grid = np.load(file)
+                tokens_file = file.with_name(file.name.replace(".grid.npy", ".tokens.npy"))
+                tokens = [str(t) for t in np.load(tokens_file)] if tokens_file.exists() else None
+                im = ax.imshow(np.nan_to_num(grid), aspect="auto", cmap="viridis")
+                ax.set_yticks(range(grid.shape[0]), [f"L{layer}" for layer in SELECT_LAYERS][: grid.shape[0]]
+                              if grid.shape[0] > 1 else ["all"], fontsize=6)
+                if tokens:
+                    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+                ax.set_xlabel("user-text token (corrupted prompt)", fontsize=7)
+                ax.set_ylabel("patched slot (encoder layer)", fontsize=7)
+                ax.set_title(file.name.split(".")[1], fontsize=8)
+                fig.colorbar(im, ax=ax, shrink=0.8, label=value)
+            fig.suptitle(f"{metric}: single (slot, token) patches from the clean prompt", fontsize=8)
+            return save_figure(fig, out / f"{metric}_heatmap.png")
+    return None
+
+
 def save_figure(fig, path: Path, tight: bool = True) -> Path:
     """Lay out, write (110 dpi) and release a figure: many per sweep, so none may stay open. (`tight=False` for a
     figure with a colour bar spanning its panels, which tight_layout cannot place.)"""
@@ -504,6 +611,9 @@ def write_figures(df, jobs: list[JobRecord], axes: list[str], sweep_dir: Path,
         written.append(fig_per_slot(per_job, df, out))
     written.append(fig_attention_grid(jobs, labels, out))
     written.append(fig_contact_sheet(jobs, labels, sweep_dir, out))
+    written.append(fig_word_map_grid(jobs, labels, out))
+    written.append(fig_lens_strip(jobs, sweep_dir, out))
+    written.append(fig_tracing_heatmap(jobs, out))
     return [p for p in written if p is not None]
 
 

@@ -161,8 +161,8 @@ def test_word_maps_equal_explicit_softmax_and_leave_the_image_alone(turbo, tmp_p
     for seed, image in zip(seeds, plain):
         assert np.array_equal(record["_wandb_images"][f"images/p00_s{seed}"][0], image)
     assert (tmp_path / "outputs/adhoc/figures/word_maps_p00.png").exists()
-    assert set(record["summary"]) == {"word_maps/text_share", "word_maps/share", "word_maps/entropy",
-                                      "word_maps/area"}
+    assert sorted(record["summary"]) == sorted(job.metrics[0].summary_keys(job)) == [
+        "word_maps/area", "word_maps/entropy", "word_maps/share", "word_maps/text_share"]
 
 
 def test_words_merge_sub_tokens_by_offsets(turbo):
@@ -256,15 +256,16 @@ def test_restoration_and_attribution_cli(cli):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = (cli.cwd / "outputs").glob("causal_tracing/*/result.json")
     record = json.loads(result.read_text())
-    assert {"restoration/image", "restoration/cond"} <= set(record["summary"])
+    assert set(record["summary"]) == {"restoration/image", "restoration/cond"}
     grid = np.load(result.parent / "arrays" / "restoration.p00.grid.npy")
     assert grid.shape[0] == 12 and np.isfinite(grid).all()
     assert (result.parent / "figures" / "restoration_p00.png").exists()
-    proc = cli("+experiment=attribution", "wandb.mode=disabled", f"sampler.max_sequence_length={MSL}")
+    proc = cli("+experiment=attribution", "intervention.site=block", "wandb.mode=disabled",
+               f"sampler.max_sequence_length={MSL}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = (cli.cwd / "outputs").glob("attribution/*/result.json")
     record = json.loads(result.read_text())
-    assert "attribution/corr_patching" in record["summary"]
+    assert set(record["summary"]) == {"attribution/total", "attribution/corr_patching"}
     assert (result.parent / "figures" / "attribution_p00.png").exists()
 
 
@@ -334,3 +335,17 @@ def test_tracing_grid_cells_equal_single_patch_interventions(turbo):
             f = fused(turbo, [Patch(pairs=PAIRS, site=site, slots=[k], tokens=[t, t + 1])], prompts=CORRUPTED[1:])
             want = restoration(float(distance(f, f_a, rows_b, rows_a)), float(distance(f_b, f_a, rows_b, rows_a)))
             assert abs(grid[k, t] - want) < 1e-5, (site, k, t, grid[k, t], want)
+
+
+def test_word_maps_vs_stock_are_one_for_an_intervention_that_changes_nothing(turbo, tmp_path, monkeypatch):
+    """The lens identity (tap 6 ← layer 20) attaches hooks but changes no bit: its maps equal the stock run's."""
+    from krea_sweeps.task import execute
+
+    job = plan_job(tmp_path, monkeypatch, ["metrics=[word_maps]", "model=turbo", "intervention=lens",
+                                           "intervention.layer=20", "intervention.tap=6",
+                                           "prompts.prompts=[a red fox in the snow]"])
+    assert not job.is_stock
+    summary = execute(job)["summary"]
+    assert sorted(summary) == sorted(job.metrics[0].summary_keys(job))
+    assert summary["word_maps/corr_stock"] == pytest.approx(1.0, abs=1e-12)
+    assert summary["word_maps/iou_stock"] == 1.0

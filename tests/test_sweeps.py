@@ -37,6 +37,10 @@ REDUCED = {
     "concept_steer": (["concept=smile", "intervention.strength=0,4", *ONE_PROMPT], 2),
     "turbo_lora_dial": (["model.lora_strength=0,1", "prompts.prompts=[A red fox sitting in fresh snow.]"], 2),
     "think_vs_plain": ([], 2),
+    "word_maps": (["interventions=[],[{_target_:krea_sweeps.interventions.Solo,layer:20}]", *ONE_PROMPT], 2),
+    "diffusion_lens": (["intervention.layer=0,20", *ONE_PROMPT], 2),
+    "causal_tracing": (["intervention.slots=6,11", "prompts.prompts=[a photo of a serious woman in a garden]"], 2),
+    "attribution": (["prompts.prompts=[a photo of a serious woman in a garden]"], 2),
 }
 
 

@@ -208,9 +208,10 @@ class Restoration(Metric):
                 rows.append(row)
             if self.grid:
                 grid = single_patch_grid(ctx.text_path, patch, enc_b, enc_a)
+                labels = token_labels(ctx.model.tokenizer, prompt_b, grid.shape[1])
                 arrays[f"p{p:02d}.grid"] = grid
-                images[f"restoration/p{p:02d}"] = (tracing_heatmap(
-                    grid, token_labels(ctx.model.tokenizer, prompt_b, grid.shape[1]), patch,
+                arrays[f"p{p:02d}.tokens"] = np.array(labels, dtype=str)
+                images[f"restoration/p{p:02d}"] = (tracing_heatmap(grid, labels, patch,
                     f"restoration · {prompt_b[:48]}"), f"conditioning restoration of single patches from "
                     f"{prompt_a[:60]!r} into {prompt_b[:60]!r} at site {patch.site}")
         summary = {f"{self.name}/cond": nan_mean(r["cond"] for r in rows)}
@@ -248,6 +249,7 @@ class Attribution(Metric):
             arrays[f"p{p:02d}.grid"] = grid
             row = {"prompt_idx": p, "prompt": prompt_b, "clean": prompt_a, "total": float(np.nansum(grid))}
             labels = token_labels(ctx.model.tokenizer, prompt_b, grid.shape[1])
+            arrays[f"p{p:02d}.tokens"] = np.array(labels, dtype=str)
             if self.compare:
                 true = single_patch_grid(ctx.text_path, patch, enc_b, enc_a, squared=True)
                 arrays[f"p{p:02d}.patching"] = true
