@@ -474,14 +474,16 @@ def _first_kind(job: JobRecord, kind: str) -> dict | None:
     return next((i for i in job.interventions if i.get("kind") == kind), None)
 
 
-def fig_word_map_grid(jobs: list[JobRecord], labels: dict[str, str], out: Path, max_words: int = 10) -> Path | None:
-    """The word_maps preset's headline: rows = jobs, columns = the words of prompt 0 (first seed), each the word's
-    attention map over the image ([words, H, W] arrays), one colour scale."""
+def fig_word_map_grid(jobs: list[JobRecord], labels: dict[str, str], out: Path, max_words: int = 10,
+                      metric: str = "word_maps") -> Path | None:
+    """The word_maps (and concept_maps) presets' headline: rows = jobs, columns = the words (concepts) of prompt 0
+    (first seed), each its map over the image ([words, H, W] arrays), one colour scale."""
     rows = []
+    names = {"word_maps": "word_maps.p00.words.npy", "concept_maps": "concept_maps.concepts.npy"}[metric]
     for job in jobs:
         arrays = job.dir / "arrays"
-        words_file = arrays / "word_maps.p00.words.npy"
-        maps_file = arrays / f"word_maps.p00_s{job.seeds[0]}.npy"
+        words_file = arrays / names
+        maps_file = arrays / f"{metric}.p00_s{job.seeds[0]}.npy"
         if job.status == "done" and words_file.exists() and maps_file.exists():
             rows.append((labels.get(job.name, job.name), [str(w) for w in np.load(words_file)], np.load(maps_file)))
     if not rows:
@@ -503,11 +505,13 @@ def fig_word_map_grid(jobs: list[JobRecord], labels: dict[str, str], out: Path, 
                 ax.set_title(word[:14], fontsize=7)
             if c == 0:
                 ax.set_ylabel(label[:24], fontsize=6)
-    fig.suptitle(f"word maps · prompt 0 · {rows[0][2].shape[1]}×{rows[0][2].shape[2]} px · rows = jobs, columns = "
-                 "words", fontsize=8)
+    what = "words" if metric == "word_maps" else "concepts"
+    fig.suptitle(f"{metric.replace('_', ' ')} · prompt 0 · {rows[0][2].shape[1]}×{rows[0][2].shape[2]} px · rows = "
+                 f"jobs, columns = {what}", fontsize=8)
     if im is not None:
-        fig.colorbar(im, ax=panels, shrink=0.6, label="attention probability on the word")
-    return save_figure(fig, out / "word_map_grid.png", tight=False)
+        fig.colorbar(im, ax=panels, shrink=0.6, label="attention probability on the word" if metric == "word_maps"
+                     else "concept saliency")
+    return save_figure(fig, out / f"{metric.replace('_maps', '')}_map_grid.png", tight=False)
 
 
 def _load_rgb(file: Path) -> np.ndarray:
@@ -612,6 +616,7 @@ def write_figures(df, jobs: list[JobRecord], axes: list[str], sweep_dir: Path,
     written.append(fig_attention_grid(jobs, labels, out))
     written.append(fig_contact_sheet(jobs, labels, sweep_dir, out))
     written.append(fig_word_map_grid(jobs, labels, out))
+    written.append(fig_word_map_grid(jobs, labels, out, metric="concept_maps"))
     written.append(fig_lens_strip(jobs, sweep_dir, out))
     written.append(fig_tracing_heatmap(jobs, out))
     return [p for p in written if p is not None]

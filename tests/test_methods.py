@@ -349,3 +349,56 @@ def test_word_maps_vs_stock_are_one_for_an_intervention_that_changes_nothing(tur
     assert sorted(summary) == sorted(job.metrics[0].summary_keys(job))
     assert summary["word_maps/corr_stock"] == pytest.approx(1.0, abs=1e-12)
     assert summary["word_maps/iou_stock"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- concept maps
+def test_concept_stream_equals_the_block_on_text_image_concepts_with_that_mask(turbo):
+    """Independent: run the DiT block itself on [text; image; concepts] with a mask where text and image never see the
+    concepts and the concepts never see the text; its concept rows must equal the hook's stream, its other rows the
+    stock block's."""
+    from krea_sweeps.metrics.concept_maps import CapturingProcessor, concept_block_step
+    from krea_sweeps.metrics.word_maps import swapped_processors
+
+    tr = turbo.transformer
+    block = tr.transformer_blocks[1]
+    g = torch.Generator().manual_seed(0)
+    hidden = tr.config.attention_head_dim * tr.config.num_attention_heads
+    T, N, C = 5, 16, 3
+    hs = torch.randn(1, T + N, hidden, generator=g)
+    concepts = torch.randn(1, C, hidden, generator=g)
+    temb = torch.randn(1, 1, 6 * hidden, generator=g) * 0.1
+    pos = torch.cat([torch.zeros(T, 3), torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.), torch.arange(4.),
+                                                                      indexing="ij"), -1).reshape(N, 3)])
+    rotary = tr.rotary_emb(pos)
+    seen = {}
+    with torch.no_grad():
+        with swapped_processors([block.attn], lambda old, i: CapturingProcessor(old, seen)):
+            stock = block(hs, temb, rotary)
+        stream, _ = concept_block_step(block, concepts, temb, seen, N)
+        full_pos = torch.cat([pos, torch.zeros(C, 3)])
+        mask = torch.ones(T + N + C, T + N + C, dtype=torch.bool)
+        mask[: T + N, T + N:] = False   # text and image never attend to the concepts
+        mask[T + N:, :T] = False        # the concepts never attend to the text
+        joint = block(torch.cat([hs, concepts], 1), temb, tr.rotary_emb(full_pos), mask[None, None])
+    torch.testing.assert_close(joint[:, T + N:], stream, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(joint[:, : T + N], stock, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_concept_maps_leave_the_image_bit_identical(turbo, tmp_path, monkeypatch, fast):
+    from krea_sweeps.task import execute
+
+    job = plan_job(tmp_path, monkeypatch, ["metrics=[concept_maps]", "model=turbo", f"sampler.fast={fast}",
+                                           "metrics.concept_maps.concepts=[fox,snow,sky]",
+                                           "prompts.prompts=[a red fox in the snow]", "seeds=[0,1]"])
+    record = execute(job)
+    plain = images(turbo, "a red fox in the snow", seeds=[0, 1], fast=fast)
+    for seed, image in zip([0, 1], plain):
+        assert np.array_equal(record["_wandb_images"][f"images/p00_s{seed}"][0], image)
+    arrays = tmp_path / "outputs" / "adhoc" / "arrays"
+    grid = np.load(arrays / "concept_maps.p00_s0.grid.npy")
+    assert grid.shape == (3, 4, 4)
+    np.testing.assert_allclose(grid.sum(0), 1.0, rtol=1e-5)  # a softmax over concepts at every image token
+    assert [str(c) for c in np.load(arrays / "concept_maps.concepts.npy")] == ["fox", "snow", "sky"]
+    assert sorted(record["summary"]) == sorted(job.metrics[0].summary_keys(job))
+    assert (tmp_path / "outputs/adhoc/figures/concept_maps_p00.png").exists()

@@ -431,7 +431,7 @@ def test_every_metric_declares_exactly_the_keys_it_reports(job_ctx):
     image.baseline_images = {k: rng.random((8, 8, 3)) for k in image.images}
     for metric in image.job.metrics:  # clip_score without a path: skipped, and declares no keys
         assert_declares_exactly(metric, image.job, metric.compute(image).summary)
-    methods = ["attribution", "restoration", "word_maps"]  # their declared keys: tests/test_methods.py
+    methods = ["attribution", "concept_maps", "restoration", "word_maps"]  # their declared keys: tests/test_methods.py
     assert sorted([m.name for m in ctx.job.metrics + image.job.metrics] + methods) == metric_names  # all covered
     assert ClipScore(path="somewhere").summary_keys(image.job) == ["clip_score/score"]
 

@@ -41,7 +41,13 @@ REDUCED = {
     "diffusion_lens": (["intervention.layer=0,20", *ONE_PROMPT], 2),
     "causal_tracing": (["intervention.slots=6,11", "prompts.prompts=[a photo of a serious woman in a garden]"], 2),
     "attribution": (["prompts.prompts=[a photo of a serious woman in a garden]"], 2),
+    "concept_maps": ([*ONE_PROMPT], 2),
 }
+
+# The figure `collect` draws for a preset's headline (methods beyond the card).
+HEADLINE_FIGURES = {"word_maps": "word_map_grid.png", "concept_maps": "concept_map_grid.png",
+                    "diffusion_lens": "lens_strip.png", "causal_tracing": "restoration_heatmap.png",
+                    "attribution": "attribution_heatmap.png"}
 
 
 def env(**extra) -> dict:
@@ -234,6 +240,8 @@ def test_preset_runs_end_to_end_and_collects(preset_runs, name):
     df = collect(sweep, quiet=True)
     assert set(df["status"]) == {"done"} and df["job"].nunique() == len(records)
     assert (sweep / "results.parquet").exists() and (sweep / "results.csv").exists()
+    if name in HEADLINE_FIGURES:
+        assert (sweep / "figures" / HEADLINE_FIGURES[name]).exists()
     for job, record in records.items():  # the table holds the jobs' own numbers
         per_item = {f"{r['metric']}/{k}" for r in record["rows"] if "prompt_idx" in r for k in r}
         rows = df[df["job"] == job]

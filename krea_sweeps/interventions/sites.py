@@ -7,6 +7,7 @@ Sites (diffusers 0.42.1 module names, under `transformer.text_fusion`):
   which is bit-identical to replacing the weight, but can be gated per CFG branch and step);
 - `fusion_attention`: the layerwise blocks' cross-layer attention (pre-hook on `layerwise_blocks[i].attn` injecting
   a key mask);
+- `block`: the output of one layerwise block [B·T, 12, D] (forward hook on `layerwise_blocks[i]`; `patch`);
 - `fused`: the text features after the refiner blocks (forward hook on `text_fusion`).
 
 A slot or tap is addressed by index (`3`) or by its encoder layer (`L20` in lists, or `layer: 20`): layer 20 is
@@ -26,7 +27,7 @@ from ..synthetic import SELECT_LAYERS
 NUM_SLOTS = len(SELECT_LAYERS)
 NUM_LAYERWISE_BLOCKS = 2  # Krea 2 (and the synthetic model): `num_layerwise_text_blocks`
 
-SITES = ("taps", "slots", "projector", "fusion_attention", "fused")
+SITES = ("taps", "slots", "projector", "fusion_attention", "block", "fused")
 
 
 # ---------------------------------------------------------------------------------------------------- addressing

@@ -163,7 +163,8 @@ def plot_against(ax, xs, ys, label_text: str | None = None, offset: float = 0.0)
     ax.set_xticks(range(len(categories)), categories, rotation=45, ha="right", fontsize=7)
 
 
-def word_map_grid(image: np.ndarray, maps: np.ndarray, words: list[str], title: str, cols: int = 6) -> np.ndarray:
+def word_map_grid(image: np.ndarray, maps: np.ndarray, words: list[str], title: str, cols: int = 6,
+                  colorbar_label: str = "attention probability on the word") -> np.ndarray:
     """One panel per word: the maps [words, H, W] over the image (grey), one shared colour scale with its bar; axis
     ticks on the outer panels only (a fixed layout: constrained layout costs seconds per figure)."""
     from matplotlib.figure import Figure
@@ -192,6 +193,6 @@ def word_map_grid(image: np.ndarray, maps: np.ndarray, words: list[str], title: 
         if i // cols == rows - 1 or i + cols >= len(words):
             ax.set_xlabel("x (px)", fontsize=6)
     if im is not None:
-        fig.colorbar(im, cax=fig.add_axes((0.89, 0.15, 0.02, 0.7)), label="attention probability on the word")
+        fig.colorbar(im, cax=fig.add_axes((0.89, 0.15, 0.02, 0.7)), label=colorbar_label)
     fig.suptitle(title, fontsize=9)
     return _render(fig)
