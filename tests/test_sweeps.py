@@ -381,9 +381,15 @@ def test_every_objective_in_readme_and_conf_is_a_real_key():
     texts = ["\n".join(ln for ln in t.splitlines() if "krea_sweeps.report." not in ln) for t in texts]
     keys = sorted({k.rstrip("/") for text in texts for k in pattern.findall(text)})
     assert "image_stats/sharpness" in keys and "cond_shift/fused/rel_l2" in keys
+    # What a metric needs besides itself: a patch (tracing), a non-stock job (keys compared against stock).
+    context = {"restoration": ["intervention=patch", "prompts=tracing_pairs"],
+               "attribution": ["intervention=patch", "prompts=tracing_pairs"],
+               "word_maps": ["intervention=solo", "intervention.slot=6"]}
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for key in keys:
-            check_objective(plan(compose("config", [f"metrics=[{key.split('/')[0]}]", f"objective={key}", "seeds=[0,1]"])))
+            metric = key.split("/")[0]
+            check_objective(plan(compose("config", [f"metrics=[{metric}]", f"objective={key}", "seeds=[0,1]",
+                                                    *context.get(metric, [])])))
 
 
 def test_misspelt_objective_stat_is_caught_from_the_declared_keys():
