@@ -273,7 +273,7 @@ class WordMaps(Metric):
 
     def summary_keys(self, job) -> list[str]:
         keys = [f"{self.name}/{k}" for k in self.SUMMARY]
-        if self.compare_stock and not job.is_stock:
+        if self.compare_stock:  # a stock job compares with itself (1, 1), so a sweep's jobs all report the keys
             keys += [f"{self.name}/{k}_stock" for k in self.VS_STOCK]
         return keys
 
@@ -325,21 +325,23 @@ class WordMaps(Metric):
 
         base = baseline_key(ctx.job, ctx.job.prompts[key[0]], key[1], bool(ctx.compiled_blocks))
         what = hashlib.sha1(json.dumps([self.name, self.blocks, self.steps]).encode()).hexdigest()[:8]
-        return baseline_folder(ctx.job) / f"{base}.{self.name}-{what}.npy"
+        return baseline_folder(ctx.job) / f"{base}.{self.name}-{what}.safetensors"
 
     def save_stock(self, ctx, key, maps: torch.Tensor) -> None:
-        from ..files import atomic_write
+        from ..files import save_verified
 
-        with atomic_write(self.stock_file(ctx, key)) as tmp:
-            np.save(tmp, maps.numpy())
+        save_verified(self.stock_file(ctx, key), {"maps": maps})
 
     def recorded(self, ctx, kind: str, keys: list[tuple[int, int]]) -> dict:
         """The `kind` run's token maps for `keys`; generated again (with recording) where the run came from a cache."""
         store = ctx.cache.setdefault((self.name, kind), {})
         for k in keys:
-            if k not in store and kind == "stock" and self.stock_file(ctx, k).exists():
-                with open(self.stock_file(ctx, k), "rb") as f:
-                    store[k] = torch.from_numpy(np.load(f))
+            if k not in store and kind == "stock":
+                from ..files import load_verified
+
+                saved = load_verified(self.stock_file(ctx, k))
+                if saved is not None and "maps" in saved:
+                    store[k] = saved["maps"]
         missing = [k for k in keys if k not in store]
         if missing:
             from ..task import generate_images
@@ -359,9 +361,7 @@ class WordMaps(Metric):
 
         keys = sorted(ctx.images)
         mine = self.recorded(ctx, "stock" if ctx.job.is_stock else "job", keys)
-        stock = None
-        if self.compare_stock and not ctx.job.is_stock:
-            stock = self.recorded(ctx, "stock", keys)
+        stock = self.recorded(ctx, "stock", keys) if self.compare_stock else None
         grid = self.grid(ctx)
         size = (ctx.job.sampler.height, ctx.job.sampler.width)
         summary_rows, rows, arrays, images = [], [], {}, {}
