@@ -54,13 +54,14 @@ def dry_run_flops(text_tokens: int = 40, size: int = 1024) -> dict:
 def cpu_wall_time(size: int, repeats: int) -> dict:
     from krea_sweeps.metrics.word_maps import MapSink, TextAttentionProcessor, swapped_processors
     from krea_sweeps.models import LoadedModel, ModelVariant
-    from krea_sweeps.prompts import encode_cache
+    from krea_sweeps.prompts import EncodeCache
     from krea_sweeps.sampler import STATE, Sampler, generate_many
 
     model = LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=8, guidance=0.0))
     pipe = model.pipeline()
     sampler = Sampler(steps=8, fast=True, height=size, width=size).resolved(model.variant)
-    cond, neg = (encode_cache(None).get(model, [p], 512) for p in ["a red fox sitting in fresh snow", ""])
+    cache = EncodeCache(None)
+    cond, neg = (cache.get(model, [p], 512) for p in ["a red fox sitting in fresh snow", ""])
     blocks = [b.attn for b in pipe.transformer.transformer_blocks]
 
     def plain():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from krea_sweeps.interventions import InterventionContext, applied
-from krea_sweeps.prompts import encode, encode_cache
+from krea_sweeps.prompts import EncodeCache, encode
 from krea_sweeps.sampler import DenoiseState, Sampler, generate_many
 from krea_sweeps.synthetic import SELECT_LAYERS
 
@@ -16,8 +16,11 @@ MSL = 32
 PROMPTS = ["a red fox in the snow", "two cups of coffee on a wooden table"]
 
 
+ENCODINGS = EncodeCache(None)  # in memory only, shared by this module's tests
+
+
 def enc(model, prompts, layers=None):
-    return encode_cache(None).get(model, prompts, MSL, layers)
+    return ENCODINGS.get(model, prompts, MSL, layers)
 
 
 def context(model, prompts=PROMPTS, state=None) -> InterventionContext:
@@ -106,7 +109,7 @@ def explicit_text_attention(q, k, rotary, mask, text_len):
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_word_maps_equal_explicit_softmax_and_leave_the_image_alone(turbo, tmp_path, monkeypatch, fast):
+def test_word_maps_equal_explicit_softmax_and_leave_the_image_alone(turbo, session, tmp_path, monkeypatch, fast):
     from krea_sweeps.task import execute
 
     job = plan_job(tmp_path, monkeypatch, ["metrics=[word_maps]", "seeds=[0,1]", f"sampler.fast={fast}",
@@ -129,7 +132,7 @@ def test_word_maps_equal_explicit_softmax_and_leave_the_image_alone(turbo, tmp_p
     handles = [b.register_forward_pre_hook(on_block, with_kwargs=True) for b in transformer.transformer_blocks]
     handles += [b.register_forward_hook(after_block) for b in transformer.transformer_blocks]
     try:
-        record = execute(job)
+        record = execute(job, session)
     finally:
         for h in handles:
             h.remove()
@@ -337,7 +340,8 @@ def test_tracing_grid_cells_equal_single_patch_interventions(turbo):
             assert abs(grid[k, t] - want) < 1e-5, (site, k, t, grid[k, t], want)
 
 
-def test_word_maps_vs_stock_are_one_for_an_intervention_that_changes_nothing(turbo, tmp_path, monkeypatch):
+def test_word_maps_vs_stock_are_one_for_an_intervention_that_changes_nothing(turbo, session, tmp_path,
+                                                                             monkeypatch):
     """The lens identity (tap 6 ← layer 20) attaches hooks but changes no bit: its maps equal the stock run's."""
     from krea_sweeps.task import execute
 
@@ -345,7 +349,7 @@ def test_word_maps_vs_stock_are_one_for_an_intervention_that_changes_nothing(tur
                                            "intervention.layer=20", "intervention.tap=6",
                                            "prompts.prompts=[a red fox in the snow]"])
     assert not job.is_stock
-    summary = execute(job)["summary"]
+    summary = execute(job, session)["summary"]
     assert sorted(summary) == sorted(job.metrics[0].summary_keys(job))
     assert summary["word_maps/corr_stock"] == pytest.approx(1.0, abs=1e-12)
     assert summary["word_maps/iou_stock"] == 1.0
@@ -385,13 +389,13 @@ def test_concept_stream_equals_the_block_on_text_image_concepts_with_that_mask(t
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_concept_maps_leave_the_image_bit_identical(turbo, tmp_path, monkeypatch, fast):
+def test_concept_maps_leave_the_image_bit_identical(turbo, session, tmp_path, monkeypatch, fast):
     from krea_sweeps.task import execute
 
     job = plan_job(tmp_path, monkeypatch, ["metrics=[concept_maps]", "model=turbo", f"sampler.fast={fast}",
                                            "metrics.concept_maps.concepts=[fox,snow,sky]",
                                            "prompts.prompts=[a red fox in the snow]", "seeds=[0,1]"])
-    record = execute(job)
+    record = execute(job, session)
     plain = images(turbo, "a red fox in the snow", seeds=[0, 1], fast=fast)
     for seed, image in zip([0, 1], plain):
         assert np.array_equal(record["_wandb_images"][f"images/p00_s{seed}"][0], image)
