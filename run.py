@@ -13,8 +13,10 @@ from omegaconf import DictConfig
 
 from krea_sweeps.errors import ConfigError
 from krea_sweeps.plan import register_resolvers
+from krea_sweeps.process import defer_unused_imports
 
 register_resolvers()
+defer_unused_imports()
 log = logging.getLogger("krea_sweeps")
 # `hydra/launcher=ray` (ours) shares its name with the Ray plugin's schema, which validates it; Hydra 1.3 warns about
 # that name match on every composition.
@@ -58,7 +60,7 @@ def exit_with_failures() -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def run_command_line() -> None:
     from krea_sweeps.runner import FailFast, Interrupted
     from krea_sweeps.sweeps import preflight
 
@@ -74,3 +76,13 @@ if __name__ == "__main__":
         print(f"fail_fast: stopped at the first failed job: {e.line}", file=sys.stderr)
         sys.exit(1)
     exit_with_failures()
+
+
+if __name__ == "__main__":
+    from krea_sweeps.process import exit_now
+
+    try:
+        run_command_line()
+    except SystemExit as e:  # every way out of a run, with its code: 0, 1 (failed jobs), 2 (bad config), 130/143
+        exit_now(e.code)
+    exit_now(0)

@@ -1,5 +1,9 @@
 """P1/P4: what a sweep costs on top of its images — `run.py -m` against a naive loop that builds a fresh pipeline per job.
 
+The naive loop is a strawman (it reloads every model part per job); the baselines a user would write instead — load
+`Krea2Pipeline` once, call it per image — are in `bench/sweep_speed.py`. This script stays for the GPU (P1) and for
+its breakdown of where a sweep's time goes.
+
     python bench/sweep_overhead.py                 # synthetic Krea 2 on CPU: P4 (`python run.py`, 12-job multirun)
     python bench/sweep_overhead.py --full          # full-size random-weight Krea 2 on the GPU, 20 jobs at 1024²: P1
 
@@ -84,6 +88,12 @@ def run_sweep_in_process(argv: list[str], cwd: Path) -> dict:
     sys.argv = [str(REPO / "run.py"), *argv]
     os.chdir(cwd)
     try:
+        import krea_sweeps.process
+
+        def exit_by_exception(code):  # run.py's fast exit (os._exit) would end this process before the report
+            raise SystemExit(code)
+
+        krea_sweeps.process.exit_now = exit_by_exception
         runpy.run_path(str(REPO / "run.py"), run_name="__main__")
     except SystemExit as e:
         if e.code not in (0, None):

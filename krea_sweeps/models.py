@@ -355,15 +355,19 @@ class LoadedModel:
 
         return self._cached(self._key("vae", self.sources.vae), build)
 
-    def pipeline(self):
-        """diffusers' `Krea2Pipeline` over the cached parts (cheap: it only wires them together)."""
+    def pipeline(self, text_encoder: bool = True):
+        """diffusers' `Krea2Pipeline` over the cached parts (cheap: it only wires them together).
+
+        `text_encoder=False`: without tokenizer and text encoder, for callers that always pass `prompt_embeds`
+        (the pipeline touches them only in `get_text_hidden_states`; same images, bit for bit — tests/test_spine.py).
+        Jobs whose prompts all hit the encode cache then never load either."""
         from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline
 
         pipe = Krea2Pipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
             vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
+            text_encoder=self.text_encoder if text_encoder else None,
+            tokenizer=self.tokenizer if text_encoder else None,
             transformer=self.transformer,
             text_encoder_select_layers=tuple(self.variant.select_layers),
             is_distilled=self.variant.is_distilled,

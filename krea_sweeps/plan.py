@@ -18,19 +18,25 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError, did_you_mean, require
 
 # Overrides that do not change a job's result: they never enter its directory name.
-NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective", "headline", "report")
-NON_RESULT_PREFIXES = ("wandb.", "hydra.", "hydra/", "model.device", "model.offload", "model.memory_budget_gb")
+NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective", "headline", "report",
+                   "figures", "torch_threads")
+NON_RESULT_PREFIXES = ("wandb.", "hydra.", "hydra/", "model.device", "model.offload", "model.memory_budget_gb", "sweep.")
+BATCH_GRID_KEY = "sweep.batch_grid"
 
 
 def job_slug(override_dirname: str) -> str:
     """A job's directory name from its result-changing overrides: readable, filesystem-safe, unique (hashed)."""
-    parts = [p for p in _split_overrides(override_dirname) if not _ignored(p)]
-    if not parts:
+    overrides = _split_overrides(override_dirname)
+    parts = [p for p in overrides if not _ignored(p)]
+    batch = [p for p in overrides if p.lstrip("+~").startswith(BATCH_GRID_KEY + "=")]
+    if not parts and not batch:
         return "stock"
-    text = ",".join(sorted(parts))
-    readable = re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", text)[:80].strip("_")
+    text = ",".join(sorted(parts + batch))
+    readable = re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", ",".join(sorted(parts)))[:80].strip("_")
     digest = hashlib.sha1(text.encode()).hexdigest()[:8]
-    return f"{readable}-{digest}"
+    # A batched job's own folder starts with `_` (collect skips it): its configs each get the folder a job of their
+    # own would have had (`krea_sweeps.batch`).
+    return f"_batch-{readable}-{digest}" if batch else f"{readable}-{digest}"
 
 
 def _split_overrides(s: str) -> list[str]:
@@ -165,6 +171,8 @@ class Job:
     force: bool = False
     fail_fast: bool = False
     objective: str | None = None
+    figures: bool = True  # render per-job figures (PNGs + W&B images); the arrays behind them are saved regardless
+    torch_threads: int | str | None = "auto"  # `process.torch_threads_for`
     extra: dict = field(default_factory=dict)
 
     @property
@@ -181,7 +189,7 @@ def effective_interventions(cfg: DictConfig) -> list:
     after it, e.g. `'interventions=[{_target_: krea_sweeps.interventions.Knockout, keys: [L20]}]'`."""
     items = []
     if cfg.get("intervention") is not None:
-        items.append(("intervention", cfg.intervention))
+        items.append(("intervention", cfg.get("intervention")))
     for i, node in enumerate(cfg.get("interventions") or []):
         items.append((f"interventions[{i}]", node))
     from .interventions import keyed
@@ -239,9 +247,23 @@ def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
         multirun=multirun, force=bool(cfg.get("force", False)), fail_fast=bool(cfg.get("fail_fast", False)),
         objective=cfg.get("objective"),
     )
+    job.figures = figures_wanted(cfg.get("figures", "auto"), job)
+    job.torch_threads = cfg.get("torch_threads", "auto")
+    from .process import torch_threads_for
+
+    torch_threads_for(job.torch_threads, variant.synthetic, "cpu")  # a bad value fails here, before any load
     for metric in metrics:
         metric.validate(job)
     return job
+
+
+def figures_wanted(setting, job: Job) -> bool:
+    """`figures=auto`: off in a conditioning-only sweep — matplotlib cost more than the job's own work there, and
+    `collect` draws the same maps from the saved arrays across the whole sweep — on everywhere else."""
+    if setting is None or str(setting) == "auto":
+        return not (job.multirun and not job.generates)
+    require(isinstance(setting, bool), "figures", f"{setting!r} is not true, false or auto", "set figures=auto")
+    return setting
 
 
 def _locations(hydra_cfg: DictConfig | None) -> tuple[Path, Path | None, str, bool]:

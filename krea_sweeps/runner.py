@@ -171,6 +171,14 @@ def objective_of(job: Job, summary: dict):
     return float(summary[job.objective])
 
 
+def use_torch_threads(job: Job) -> None:
+    from .models import resolve_device
+    from .process import apply_torch_threads, torch_threads_for
+
+    device = resolve_device(job.variant.device)
+    apply_torch_threads(torch_threads_for(job.torch_threads, job.variant.synthetic, device.type))
+
+
 def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | None = None):
     """Plan, run and record one job with `session`'s caches (default: this process's session, shared by the jobs a
     launcher runs here). Returns the objective (for Optuna) or None."""
@@ -182,6 +190,11 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
     check_objective(job)
     # Here, in the process that will run the job (a GPU node's, not a SLURM login node's): will it fit the device?
     check_memory(job.variant, job.sampler, job.needs, len(job.seeds))
+    use_torch_threads(job)
+    if OmegaConf.select(cfg, "sweep.batch_grid", default=None):
+        from .batch import run_batch
+
+        return run_batch(job, cfg, hydra_cfg, session)
     result_file, failed_file = job.job_dir / "result.json", job.job_dir / "failed.json"
     fingerprint = job_fingerprint(job)
     if job.multirun and result_file.exists() and not job.force:

@@ -149,6 +149,10 @@ class JobContext:
         return self.job.prompts
 
     @property
+    def figures(self) -> bool:
+        return self.job.figures
+
+    @property
     def seeds(self) -> list[int]:
         return self.job.seeds
 
@@ -247,7 +251,7 @@ def produce_images(ctx: JobContext) -> None:
     job = ctx.job
     keys = [(p, s) for p in range(len(job.prompts)) for s in job.seeds]
     with ctx.timings.phase("load"):
-        pipe = ctx.model.pipeline()
+        pipe = ctx.model.pipeline(text_encoder=False)  # fed embeddings: the encode cache loads the encoder on a miss
     ctx.negative = ctx.encode([job.sampler.negative_prompt])
     ctx.compiled_blocks = runs_compiled(job.sampler, pipe.transformer)
     ctx.baseline_keys = {f"p{p:02d}_s{s}": baseline_key(job, job.prompts[p], s, ctx.compiled_blocks)
@@ -315,22 +319,8 @@ def execute(job: Job, session: Session) -> dict:
             ctx.model.text_path  # noqa: B018 - load the slice now so its time is booked as load
     if job.generates:
         produce_images(ctx)
-    summary, rows, images = {}, [], {}
-    arrays_dir = job.job_dir / "arrays"
     with ctx.timings.phase("metrics"), torch.no_grad():
-        for metric in job.metrics:
-            out = metric.compute(ctx)
-            summary.update(out.summary)
-            for r in out.rows:
-                rows.append({"metric": metric.name, **r})
-            for name, array in out.arrays.items():
-                arrays_dir.mkdir(parents=True, exist_ok=True)
-                np.save(arrays_dir / f"{metric.name}.{name}.npy", array)
-            for name, (figure, _caption) in out.images.items():  # heatmaps, bars: also on disk, not only in W&B
-                save_png(job.job_dir / "figures" / f"{name.replace('/', '_')}.png", figure)
-            images.update(out.images)
-        for intervention in job.interventions:  # what interventions learned while attached (steer consistency)
-            summary.update(intervention.report())
+        summary, rows, images = measure(ctx)
     if ctx.images:
         from .metrics.figures import labelled_contact_sheet
 
@@ -360,6 +350,28 @@ def sheet_title(job: Job) -> str:
     what = "stock" if job.is_stock else label
     synthetic = " (synthetic Krea 2: images look alike by design)" if job.variant.synthetic else ""
     return f"{what} | {job.variant.name}{synthetic}"
+
+
+def measure(ctx: JobContext) -> tuple[dict, list[dict], dict]:
+    """Every metric of the job on `ctx`: (summary, rows, figures); arrays and figure PNGs are written to the job dir."""
+    job = ctx.job
+    summary, rows, images = {}, [], {}
+    arrays_dir = job.job_dir / "arrays"
+    for metric in job.metrics:
+        out = metric.compute(ctx)
+        summary.update(out.summary)
+        for r in out.rows:
+            rows.append({"metric": metric.name, **r})
+        if out.arrays:
+            arrays_dir.mkdir(parents=True, exist_ok=True)
+        for name, array in out.arrays.items():
+            np.save(arrays_dir / f"{metric.name}.{name}.npy", array)
+        for name, (figure, _caption) in out.images.items():  # heatmaps, bars: also on disk, not only in W&B
+            save_png(job.job_dir / "figures" / f"{name.replace('/', '_')}.png", figure)
+        images.update(out.images)
+    for intervention in job.interventions:  # what interventions learned while attached (steer consistency)
+        summary.update(intervention.report())
+    return summary, rows, images
 
 
 def intervention_label(job: Job) -> str:

@@ -106,7 +106,10 @@ class Tracker:
                 project=self.config.project, entity=self.config.entity, mode=self.mode, dir=str(job_dir),
                 name=name, group=group, job_type=job_type, tags=sorted(set(tags) | set(self.config.tags)),
                 config=config, reinit="finish_previous",
-                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, init_timeout=INIT_TIMEOUT_S),
+                # x_save_requirements: W&B lists every installed package per run (importlib.metadata over the
+                # whole environment: the largest part of its per-job cost); result.json records our versions.
+                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, init_timeout=INIT_TIMEOUT_S,
+                                        x_save_requirements=False),
             )
             self.run_dir = str(Path(self.run.dir).parent) if self.run is not None else None
         except Exception as e:  # a W&B failure never fails the job
@@ -136,11 +139,8 @@ class Tracker:
         self._guard("define_metric", do)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
-        def do():
-            for k, v in summary.items():
-                self.run.summary[k] = v
-
-        self._guard("summary", do)
+        # One call: setting keys one at a time costs a round trip to W&B's service each (37–41 ms a job, vs 1.2 ms).
+        self._guard("summary", lambda: self.run.summary.update(dict(summary)))
 
     def log_table(self, name: str, rows: list[dict]) -> None:
         if not rows:

@@ -176,9 +176,12 @@ class ProjectorWeights(Metric):
             summary |= {f"{self.name}/{k}": versus[k] for k in self.REFERENCE_SCALARS}
             arrays["reference"] = ref
             series[f"reference ({self.reference})"] = ref
-        from .figures import bars
+        images = {}
+        if ctx.figures:
+            from .figures import bars
 
-        images = {"projector/weights": (bars(series, labels, "projector weights", ylabel="projector weight"), caption(ctx, "projector weights"))}
+            images["projector/weights"] = (bars(series, labels, "projector weights", ylabel="projector weight"),
+                                           caption(ctx, "projector weights"))
         return MetricOutput(summary=summary, rows=rows, arrays=arrays, images=images)
 
 
@@ -245,6 +248,8 @@ class FusionAttention(Metric):
                 arrays[f"block{b}.{name}"] = s[name].numpy()
             if self.save_probs:
                 arrays[f"block{b}.probs"] = torch.cat([t.fusion_attention[b] for t in trace.prompts]).numpy()
+            if not ctx.figures:
+                continue
             title = f"layerwise block {b}: mean attention (hub {labels[hub]}, s={float(s['strength'][hub]):.3f})"
             images[f"{key}/mean_map"] = (heatmap(s["mean_map"].numpy(), title, labels, labels),
                                          caption(ctx, f"block {b} mean cross-layer attention"))
@@ -300,7 +305,7 @@ class RefinerAttention(Metric):
                 arrays[f"block{b}.received.p{p:02d}"] = s["received"].numpy()
                 mean_map = t.refiner_attention[b].double().mean(0)[:, t.mask]  # [content queries, valid keys]
                 arrays[f"block{b}.mean_map.p{p:02d}"] = mean_map.numpy()
-                if p == 0:
+                if p == 0 and ctx.figures:
                     title = f"refiner block {b}, prompt 0: mean attention (content queries × valid keys)"
                     images[f"refiner_attention/block{b}/mean_map_p00"] = (
                         heatmap(mean_map.numpy(), title, xlabel="key (valid-token rank)",

@@ -18,9 +18,13 @@ def _render(fig) -> np.ndarray:
 
 
 def _figure(width: float, height: float):
+    """Fixed margins, not `layout="constrained"`: the layout solver cost more than drawing (0.59 s of a 1.24 s
+    conditioning job went to its figures)."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=100)
+    fig.subplots_adjust(left=0.14, right=0.95, bottom=0.16, top=0.9, wspace=0.45, hspace=0.55)
+    return fig
 
 
 def heatmap(matrix: np.ndarray, title: str, xlabels: list[str] | None = None, ylabels: list[str] | None = None,

@@ -1,0 +1,156 @@
+"""What makes jobs cheap must not change what they compute: batched conditioning sweeps against one job per config,
+the pipeline without text encoder against the full one, the thread setting, and exit codes after the fast exit.
+(Timings live in bench/, never here.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+GRID = ["-m", "intervention=solo", "intervention.slot=0,1,2", "intervention.strength=0.5,1",
+        "metrics=[projector,cond_shift,fusion_attention]", "prompts.prompts=[a red fox,a lighthouse at dusk]",
+        "sampler.max_sequence_length=32", "name=grid"]
+BATCH = "sweep.batch_axes=[intervention.slot,intervention.strength]"
+
+
+def results(sweep: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))}
+
+
+def arrays(job_dir: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.load(p) for p in sorted((job_dir / "arrays").glob("*.npy"))}
+
+
+def test_batched_sweep_equals_one_job_per_config(tmp_path):
+    from conftest import run_cli
+    from wandb_offline import offline_runs, read_run
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "batched").mkdir()
+    one = run_cli(GRID, tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    batched = run_cli([*GRID, BATCH], tmp_path / "batched")
+    assert batched.returncode == 0, batched.stderr[-2000:]
+    assert "6 configs a job" in batched.stdout + batched.stderr
+
+    a, b = results(tmp_path / "one" / "outputs" / "grid"), results(tmp_path / "batched" / "outputs" / "grid")
+    assert len(a) == 6 and sorted(a) == sorted(b)  # the same folder per config
+    for name in a:
+        assert b[name]["summary"] == a[name]["summary"], name
+        assert b[name]["rows"] == a[name]["rows"], name
+        assert b[name]["fingerprint"] == a[name]["fingerprint"], name
+        assert b[name]["interventions"] == a[name]["interventions"], name
+        assert b[name]["config"]["intervention"] == a[name]["config"]["intervention"], name
+        one_arrays = arrays(tmp_path / "one" / "outputs" / "grid" / name)
+        batch_arrays = arrays(tmp_path / "batched" / "outputs" / "grid" / name)
+        assert sorted(one_arrays) == sorted(batch_arrays) and one_arrays
+        assert all(np.array_equal(one_arrays[k], batch_arrays[k]) for k in one_arrays)
+        # figures are off by default in a conditioning-only sweep; the arrays behind them are saved
+        assert not (tmp_path / "one" / "outputs" / "grid" / name / "figures").exists()
+    assert len({json.dumps(r["summary"], sort_keys=True) for r in a.values()}) == 6  # the configs differ
+
+    # one W&B run for the batch, one table row per config
+    (batch_dir,) = [d for d in (tmp_path / "batched" / "outputs" / "grid").iterdir() if d.name.startswith("_batch")]
+    (run_dir,) = offline_runs(batch_dir)
+    run = read_run(run_dir)
+    assert run["summary"]["batch/configs"] == 6 and run["exit_code"] == 0
+    (table,) = (run_dir / "files" / "media" / "table").glob("configs_*.table.json")
+    data = json.loads(table.read_text())
+    assert len(data["data"]) == 6
+    job_col, key = data["columns"].index("job"), "cond_shift/fused/cos"
+    for row in data["data"]:
+        assert row[data["columns"].index(key)] == pytest.approx(a[row[job_col]]["summary"][key])
+
+    # collect reads the batched sweep like the unbatched one (the batch folder is not a job)
+    from krea_sweeps.collect import build_table
+
+    df_a, _, axes_a = build_table(tmp_path / "one" / "outputs" / "grid")
+    df_b, _, axes_b = build_table(tmp_path / "batched" / "outputs" / "grid")
+    assert axes_a == axes_b and len(df_a) == len(df_b) == 12  # 6 configs × 2 prompts
+    assert df_a["cond_shift/fused/cos"].tolist() == df_b["cond_shift/fused/cos"].tolist()
+
+    # resume across modes: the batched rerun of the unbatched sweep finds every config done
+    again = run_cli([*GRID, BATCH], tmp_path / "one")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert results(tmp_path / "one" / "outputs" / "grid") == a
+    (batch_json,) = (tmp_path / "one" / "outputs" / "grid").glob("_batch*/batch.json")
+    assert {c["status"] for c in json.loads(batch_json.read_text())["configs"]} == {"skipped"}
+
+
+def test_batch_axes_fall_back_for_generation_and_reject_other_keys(tmp_path):
+    from conftest import run_cli
+
+    bad = run_cli(["-m", "seeds=0,1", "metrics=[projector]", "sweep.batch_axes=[seeds]"], tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: config key `sweep.batch_axes`")
+    assert not (tmp_path / "outputs" / "default").exists() or not list((tmp_path / "outputs").rglob("result.json"))
+
+    images = run_cli(["-m", "intervention=solo", "intervention.slot=0,1", "metrics=[image_stats]",
+                      "prompts.prompts=[a red fox]", "sampler.max_sequence_length=32", "sampler.steps=2",
+                      "sweep.batch_axes=[intervention.slot]"], tmp_path)
+    assert images.returncode == 0, images.stderr[-2000:]
+    assert "one job per config (its metrics need generated images" in images.stdout + images.stderr
+    assert len(list((tmp_path / "outputs" / "default").glob("*/result.json"))) == 2
+
+
+def test_pipeline_without_text_encoder_gives_identical_images(raw):
+    """Krea2Pipeline fed embeddings never touches tokenizer or text encoder: a job whose prompts all hit the encode
+    cache builds it without them (and so never loads them)."""
+    import torch
+
+    from krea_sweeps.prompts import encode
+    from krea_sweeps.sampler import Sampler, generate
+
+    layers = tuple(raw.variant.select_layers)
+    cond = encode(raw.tokenizer, raw.text_encoder, ["a red fox"], 32, layers)
+    neg = encode(raw.tokenizer, raw.text_encoder, [""], 32, layers)
+    sampler = Sampler(steps=2, max_sequence_length=32, fast=False).resolved(raw.variant)
+    full = raw.pipeline()
+    bare = raw.pipeline(text_encoder=False)
+    assert bare.text_encoder is None and bare.tokenizer is None
+    with torch.no_grad():
+        assert np.array_equal(generate(full, sampler, cond, neg, seed=3), generate(bare, sampler, cond, neg, seed=3))
+
+
+def test_cached_prompts_load_no_text_encoder_and_exit_codes_hold(cli):
+    first = cli("prompts.prompts=[a red fox]", "sampler.max_sequence_length=32")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "loading text_encoder" in first.stdout + first.stderr
+    second = cli("prompts.prompts=[a red fox]", "sampler.max_sequence_length=32")
+    assert second.returncode == 0, second.stderr[-2000:]
+    log = second.stdout + second.stderr
+    assert "loading text_encoder" not in log and "loading tokenizer" not in log
+    assert "done prompts.prompts=" in log and "wandb sync" in log  # logging flushed before the fast exit
+    bad = cli("torch_threads=0")
+    assert bad.returncode == 2 and "torch_threads" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_torch_threads_default_and_overrides(monkeypatch):
+    from krea_sweeps.errors import ConfigError
+    from krea_sweeps.process import THREADS_ENV, torch_threads_for
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert torch_threads_for("auto", synthetic=True, device="cpu") == 1
+    assert torch_threads_for("auto", synthetic=False, device="cuda") == 1
+    assert torch_threads_for("auto", synthetic=False, device="cpu") is None  # torch's default: real CPU work
+    assert torch_threads_for(4, synthetic=True, device="cpu") == 4
+    monkeypatch.setenv(THREADS_ENV, "2")
+    assert torch_threads_for("auto", synthetic=True, device="cpu") == 2
+    monkeypatch.setenv(THREADS_ENV, "many")
+    with pytest.raises(ConfigError, match="torch_threads"):
+        torch_threads_for("auto", synthetic=True, device="cpu")
+
+
+def test_scipy_stats_is_deferred_not_broken():
+    import subprocess
+    import sys
+
+    code = ("import sys; from krea_sweeps.process import defer_unused_imports; defer_unused_imports(); "
+            "import diffusers.schedulers.scheduling_flow_match_euler_discrete as s; "
+            "assert 'scipy.stats._stats_py' not in sys.modules; "
+            "assert abs(s.scipy.stats.beta.ppf(0.5, 2, 2) - 0.5) < 1e-12; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
