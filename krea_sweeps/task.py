@@ -7,6 +7,7 @@ intervened work and always removed, and `result.json` is written last and atomic
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -54,7 +55,9 @@ def save_png(path: Path, image: np.ndarray) -> None:
         Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(tmp)
 
 
-def versions() -> dict:
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple:
+    """Package metadata lookups cost ~5 ms each: once per process."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
@@ -63,7 +66,11 @@ def versions() -> dict:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    return out
+    return tuple(out.items())
+
+
+def versions() -> dict:
+    return dict(_versions())
 
 
 class Timings(dict):

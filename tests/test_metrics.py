@@ -316,7 +316,12 @@ def test_fusion_and_refiner_attention_metrics(turbo, job_ctx):
         assert ref[f"refiner_attention/block{b}/top_received_x_uniform"] >= 1
     taps = TapNorms().compute(ctx).summary
     assert taps["tap_norms/growth_L35_over_L2"] == pytest.approx(taps["tap_norms/L35"] / taps["tap_norms/L2"])
-    assert len(ctx.cache) == 1  # one shared trace served all three metrics of this stock job
+    from krea_sweeps.metrics.trace import text_trace
+
+    # one shared trace served all three metrics of this stock job (the stock trace is kept per process)
+    shared = text_trace(ctx, intervened=False)
+    assert text_trace(ctx) is shared and {"fusion_attention", "refiner_attention"} <= shared.parts
+    assert ("text_trace", True) not in ctx.cache
 
 
 def test_conditioning_only_run_never_loads_dit_blocks_or_vae(job_ctx, session):

@@ -12,6 +12,7 @@ cond/0 outside generation): an intervention gated to `uncond` or to a later step
 
 from __future__ import annotations
 
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -58,28 +59,40 @@ def text_trace(ctx, intervened: bool = True, parts: frozenset | set = frozenset(
     Each pass records at once what every metric of the job asks for, so it runs once."""
     intervened = intervened and not ctx.job.is_stock
     parts = frozenset(parts) | requested_parts(ctx)
-    memo = ctx.cache if intervened else _STOCK_TRACES
-    key = ("text_trace", True) if intervened else stock_key(ctx)
-    cached = memo.get(key)
+    if intervened:
+        cached = ctx.cache.get(("text_trace", True))
+    else:
+        cached = stock_memo(ctx)
     if cached is not None and parts <= cached.parts:
         return cached
     if cached is not None:
         parts |= cached.parts
     traces = [trace_prompt(ctx, ctx.encoded.index(i), intervened, parts) for i in range(len(ctx.job.prompts))]
-    memo[key] = TextTrace(traces, parts, intervened)
-    return memo[key]
+    trace = TextTrace(traces, parts, intervened)
+    if intervened:
+        ctx.cache[("text_trace", True)] = trace
+    else:
+        _STOCK_TRACES[stock_key(ctx)] = (weakref.ref(ctx.text_path.text_fusion), trace)
+    return trace
 
 
-# The stock pass depends on the model and the prompts only: once per sweep (per process), not once per job.
-_STOCK_TRACES: dict[tuple, TextTrace] = {}
+# The stock pass depends on the model and the prompts only: once per sweep (per process), not once per job. Each entry
+# holds a weak reference to the `text_fusion` module it was traced on and serves only that module.
+_STOCK_TRACES: dict[tuple, tuple] = {}
 
 
 def stock_key(ctx) -> tuple:
     import json
 
-    text_fusion = ctx.text_path.text_fusion  # the loaded module itself (the model cache keeps it for the process)
-    return ("stock", id(text_fusion), json.dumps(ctx.model.variant.identity(), sort_keys=True, default=str),
-            tuple(ctx.job.prompts), int(ctx.job.sampler.max_sequence_length))
+    if "stock_key" not in ctx.cache:
+        ctx.cache["stock_key"] = (json.dumps(ctx.model.variant.identity(), sort_keys=True, default=str),
+                                  tuple(ctx.job.prompts), int(ctx.job.sampler.max_sequence_length))
+    return ctx.cache["stock_key"]
+
+
+def stock_memo(ctx) -> TextTrace | None:
+    ref, trace = _STOCK_TRACES.get(stock_key(ctx), (None, None))
+    return trace if ref is not None and ref() is ctx.text_path.text_fusion else None
 
 
 @torch.no_grad()
