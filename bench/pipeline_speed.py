@@ -322,6 +322,11 @@ def main():
     args.repeats = args.repeats or (2 if args.full else 3)
     variants = (args.variants or ("turbo" if args.full else "turbo,raw")).split(",")
 
+    from krea_sweeps.process import apply_torch_threads, torch_threads_for
+
+    # The runs' own default (`torch_threads=auto`): 1 thread on CPU for the synthetic model, so a shared machine does
+    # not turn the ratios into thrash; KREA_SWEEPS_TORCH_THREADS overrides.
+    apply_torch_threads(torch_threads_for("auto", synthetic=not args.full, device=device.type))
     env = environment(device)
     print(f"device: {env['device']} | torch {env['torch']} | diffusers {env['diffusers']} | load avg {env['load_average']:.2f}")
     t0 = time.perf_counter()

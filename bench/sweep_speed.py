@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_PY = REPO / "run.py"
 COND_METRICS = "metrics=[projector,fusion_attention,cond_shift]"
 
 
@@ -43,22 +45,34 @@ def load_average() -> str:
 
 
 def env() -> dict:
-    out = {**os.environ, "KREA_SWEEPS_PROGRESS": "0", "PYTHONPATH": str(REPO)}
+    out = {**os.environ, "KREA_SWEEPS_PROGRESS": "0", "PYTHONPATH": str(RUN_PY.parent)}
     out.pop("WANDB_API_KEY", None)
     return out
 
 
-def run(cmd: list[str], cwd: Path) -> float:
-    t = time.perf_counter()
+CPU: dict[str, float] = {}  # CPU seconds (user + sys) of each timed command's process tree, by wall-clock label
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run(cmd: list[str], cwd: Path, label: str | None = None) -> float:
+    """Wall seconds of `cmd`; its CPU seconds go to CPU[label]. On a loaded machine wall time stretches with the
+    load while CPU time barely moves: at 1 thread, CPU seconds approximate a quiet machine's wall."""
+    c, t = cpu_seconds(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
     wall = time.perf_counter() - t
+    if label:
+        CPU[label] = cpu_seconds() - c
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return wall
 
 
-def run_py(args: list[str], cwd: Path) -> float:
-    return run([sys.executable, str(REPO / "run.py"), *args], cwd)
+def run_py(args: list[str], cwd: Path, label: str | None = None) -> float:
+    return run([sys.executable, str(RUN_PY), *args], cwd, label)
 
 
 # ------------------------------------------------------------------------------------------------- baselines
@@ -134,10 +148,10 @@ def generation(tmp: Path, jobs: int) -> dict:
         folder = tmp / name
         folder.mkdir()
         args = json.dumps({**spec, "seeds": seeds, "embeds": embeds, "out": str(folder / "images")})
-        out[name] = run([sys.executable, str(script), args], folder)
+        out[name] = run([sys.executable, str(script), args], folder, name)
     sweep = tmp / "sweep"
     sweep.mkdir()
-    out["run_py_m"] = run_py(["-m", f"seeds={','.join(map(str, seeds))}", "wandb.mode=offline"], sweep)
+    out["run_py_m"] = run_py(["-m", f"seeds={','.join(map(str, seeds))}", "wandb.mode=offline"], sweep, "run_py_m")
     images = sweep / "images"
     images.mkdir()
     for d in (sweep / "outputs" / "default").iterdir():
@@ -147,6 +161,8 @@ def generation(tmp: Path, jobs: int) -> dict:
     out["max_pixel_diff_vs_plain_prompt"] = max_image_diff(tmp / "plain_prompt" / "images", images)
     out["ratio_vs_plain_prompt"] = out["run_py_m"] / out["plain_prompt"]
     out["ratio_vs_plain_embeds"] = out["run_py_m"] / out["plain_embeds"]
+    out["cpu"] = {k: CPU[k] for k in ("plain_prompt", "plain_embeds", "run_py_m")}
+    out["cpu_ratio_vs_plain_prompt"] = CPU["run_py_m"] / CPU["plain_prompt"]
     return out
 
 
@@ -162,31 +178,34 @@ def conditioning(tmp: Path, strengths: int, batched_strengths: int) -> dict:
             COND_METRICS, "wandb.mode=offline", "name=cond"]
     one = tmp / "one"
     one.mkdir()
-    wall = run_py(grid, one)
+    wall = run_py(grid, one, "one")
     n = 12 * strengths
-    out = {"one_job_per_config": {"configs": n, "wall": wall, "configs_per_s": n / wall,
+    out = {"one_job_per_config": {"configs": n, "wall": wall, "configs_per_s": n / wall, "cpu": CPU["one"],
+                                  "configs_per_cpu_s": n / CPU["one"],
                                   "steady_configs_per_s": steady_rate(one / "outputs" / "cond")}}
+    if batched_strengths <= 0:  # e.g. an older checkout without sweep.batch_axes
+        return out
     values = ",".join(f"{s / max(batched_strengths - 1, 1):.4f}" for s in range(batched_strengths))
     grid = ["-m", "intervention=solo", "intervention.slot=range(0,12)", f"intervention.strength={values}",
             COND_METRICS, "wandb.mode=offline", "name=cond", "sweep.batch_axes=[intervention.slot,intervention.strength]"]
     batched = tmp / "batched"
     batched.mkdir()
-    wall = run_py(grid, batched)
+    wall = run_py(grid, batched, "batched")
     n = 12 * batched_strengths
     (batch_json,) = (batched / "outputs" / "cond").glob("_batch*/batch.json")
     inside = json.loads(batch_json.read_text())["timings"]["total"]
     done = len(list((batched / "outputs" / "cond").glob("*/result.json")))
     out["batched"] = {"configs": n, "results": done, "wall": wall, "configs_per_s": n / wall,
-                      "in_job_configs_per_s": n / inside}
+                      "in_job_configs_per_s": n / inside, "cpu": CPU["batched"], "configs_per_cpu_s": n / CPU["batched"]}
     return out
 
 
 def single_runs(tmp: Path) -> dict:
     folder = tmp / "single"
     folder.mkdir()
-    cold = run_py(["wandb.mode=offline"], folder)
-    warm = run_py(["wandb.mode=offline"], folder)
-    return {"cold": cold, "warm": warm}
+    cold = run_py(["wandb.mode=offline"], folder, "cold")
+    warm = run_py(["wandb.mode=offline"], folder, "warm")
+    return {"cold": cold, "warm": warm, "cpu_cold": CPU["cold"], "cpu_warm": CPU["warm"]}
 
 
 def verdict(ok: bool) -> str:
@@ -199,7 +218,11 @@ def main() -> None:
     parser.add_argument("--strengths", type=int, default=2, help="conditioning sweep, one job per config: strengths")
     parser.add_argument("--batched-strengths", type=int, default=100, help="batched sweep: strengths (× 12 slots)")
     parser.add_argument("--out", default=str(REPO / "bench" / "sweep_speed.json"))
+    parser.add_argument("--run-py", default=str(REPO / "run.py"), help="the run.py under test (e.g. an older "
+                        "checkout's, for a before/after in the same conditions; its folder goes first on PYTHONPATH)")
     args = parser.parse_args()
+    global RUN_PY
+    RUN_PY = Path(args.run_py).resolve()
 
     report = {"machine": machine(), "load_average_start": load_average()}
     print(f"machine: {report['machine']} | load average (1/5/15 min) at start {report['load_average_start']}")
@@ -221,17 +244,23 @@ def main() -> None:
     print(f"   run.py -m / (a) = {g['ratio_vs_plain_prompt']:.2f} (target ≤ 1.10: "
           f"{verdict(g['ratio_vs_plain_prompt'] <= 1.10)}); run.py -m / (b) = {g['ratio_vs_plain_embeds']:.2f}; "
           f"images: max pixel difference vs (a) {g['max_pixel_diff_vs_plain_prompt']} of 255")
-    one, b = c["one_job_per_config"], c["batched"]
+    print(f"   CPU seconds: (a) {g['cpu']['plain_prompt']:.1f}, (b) {g['cpu']['plain_embeds']:.1f}, run.py -m "
+          f"{g['cpu']['run_py_m']:.1f} → {g['cpu_ratio_vs_plain_prompt']:.2f}× (a)")
+    one, b = c["one_job_per_config"], c.get("batched")
     steady = one["steady_configs_per_s"]
     print(f"\n2. conditioning-only sweep, one job per config ({one['configs']} configs): {one['wall']:.2f} s = "
           f"{one['configs_per_s']:.2f} configs/s with start-up; steady {steady or float('nan'):.2f} configs/s "
-          f"(target ≥ 5: {verdict((steady or 0) >= 5)}; baseline: 0.81 before this change)")
-    print(f"3. batched ({b['configs']} configs, {b['results']} result.json): {b['wall']:.2f} s = "
+          f"(target ≥ 5: {verdict((steady or 0) >= 5)}; baseline: 0.81 before this change); "
+          f"{one['configs_per_cpu_s']:.2f} configs per CPU second")
+    if b:
+        print(f"3. batched ({b['configs']} configs, {b['results']} result.json): {b['wall']:.2f} s = "
           f"{b['configs_per_s']:.0f} configs/s through the CLI with start-up (target ≥ 200: "
           f"{verdict(b['configs_per_s'] >= 200)}); {b['in_job_configs_per_s']:.0f} configs/s inside the job; "
-          f"{b['configs_per_s'] / one['configs_per_s']:.0f}× one job per config")
+          f"{b['configs_per_s'] / one['configs_per_s']:.0f}× one job per config; "
+          f"{b['configs_per_cpu_s']:.0f} configs per CPU second")
     print(f"\n4. python run.py: cold {s['cold']:.2f} s (target ≤ 9: {verdict(s['cold'] <= 9)}), "
-          f"warm {s['warm']:.2f} s (target ≤ 5.5: {verdict(s['warm'] <= 5.5)})")
+          f"warm {s['warm']:.2f} s (target ≤ 5.5: {verdict(s['warm'] <= 5.5)}); CPU seconds cold "
+          f"{s['cpu_cold']:.2f}, warm {s['cpu_warm']:.2f}")
     print(f"\nload average at end {report['load_average_end']} (targets are for a quiet machine: load < 1)")
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.out}")
