@@ -355,13 +355,18 @@ class LoadedModel:
 
         return self._cached(self._key("vae", self.sources.vae), build)
 
-    def pipeline(self, text_encoder: bool = True):
+    def pipeline(self, text_encoder: bool | None = True):
         """diffusers' `Krea2Pipeline` over the cached parts (cheap: it only wires them together).
 
         `text_encoder=False`: without tokenizer and text encoder, for callers that always pass `prompt_embeds`
-        (the pipeline touches them only in `get_text_hidden_states`; same images, bit for bit — tests/test_spine.py).
-        Jobs whose prompts all hit the encode cache then never load either."""
+        (the pipeline touches them only in `get_text_hidden_states`; same images, bit for bit — tests/test_speed.py).
+        `None`: with them only when already resident (never loads them; resident ones stay in use for the memory
+        budget, as before). Jobs whose prompts all hit the encode cache then never load either."""
         from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline
+
+        if text_encoder is None:
+            text_encoder = (self._key("text_encoder", self.sources.text_encoder) in self.cache
+                            and self._key("tokenizer", self.sources.tokenizer) in self.cache)
 
         pipe = Krea2Pipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),

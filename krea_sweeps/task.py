@@ -258,7 +258,7 @@ def produce_images(ctx: JobContext) -> None:
     job = ctx.job
     keys = [(p, s) for p in range(len(job.prompts)) for s in job.seeds]
     with ctx.timings.phase("load"):
-        pipe = ctx.model.pipeline(text_encoder=False)  # fed embeddings: the encode cache loads the encoder on a miss
+        pipe = ctx.model.pipeline(text_encoder=None)  # fed embeddings: the encoder is loaded only on an encode miss
     ctx.negative = ctx.encode([job.sampler.negative_prompt])
     ctx.compiled_blocks = runs_compiled(job.sampler, pipe.transformer)
     ctx.baseline_keys = {f"p{p:02d}_s{s}": baseline_key(job, job.prompts[p], s, ctx.compiled_blocks)
