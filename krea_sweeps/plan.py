@@ -8,6 +8,7 @@ This module imports no torch-heavy code at top level: `--help` and config errors
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,19 +25,39 @@ NON_RESULT_PREFIXES = ("wandb.", "hydra.", "hydra/", "model.device", "model.offl
 BATCH_GRID_KEY = "sweep.batch_grid"
 
 
+MAX_READABLE = 160  # characters of a job folder's readable part (a file name holds 255 bytes)
+SWEPT_KEYS_ENV = "KREA_SWEEPS_SWEPT_KEYS"  # set by sweeps.SweepGuard (the parent), read where jobs name themselves
+
+
 def job_slug(override_dirname: str) -> str:
-    """A job's directory name from its result-changing overrides: readable, filesystem-safe, unique (hashed)."""
+    """A job's directory (and W&B run) name from its result-changing overrides: readable, filesystem-safe, unique.
+
+    Every swept value stays in full; when the name would be too long, the overrides that are the same across the
+    sweep are left out of it, longest first (they are still in the hash, `.hydra/overrides.yaml` and the W&B
+    config). The hash of all of them keeps names unique."""
     overrides = _split_overrides(override_dirname)
-    parts = [p for p in overrides if not _ignored(p)]
+    parts = sorted(p for p in overrides if not _ignored(p))
     batch = [p for p in overrides if p.lstrip("+~").startswith(BATCH_GRID_KEY + "=")]
     if not parts and not batch:
         return "stock"
-    text = ",".join(sorted(parts + batch))
-    readable = re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", ",".join(sorted(parts)))[:80].strip("_")
-    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    digest = hashlib.sha1(",".join(sorted(parts + batch)).encode()).hexdigest()[:8]
+    swept = {k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k}
+    fixed = sorted((p for p in parts if _key_of(p) not in swept), key=len, reverse=True)
+    kept = list(parts)
+    while len(_readable(kept)) > MAX_READABLE and fixed:
+        kept.remove(fixed.pop(0))
+    readable = _readable(kept)[:MAX_READABLE].strip("_")
     # A batched job's own folder starts with `_` (collect skips it): its configs each get the folder a job of their
     # own would have had (`krea_sweeps.batch`).
     return f"_batch-{readable}-{digest}" if batch else f"{readable}-{digest}"
+
+
+def _readable(parts: list[str]) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", ",".join(parts)).strip("_")
+
+
+def _key_of(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _split_overrides(s: str) -> list[str]:
@@ -81,11 +102,62 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("krea_help", lambda: __import__("krea_sweeps.cli_help").cli_help.render())
 
 
+# The class every `_target_` of a config group must be (a subclass of): anything else — `shutil.copy`, `open`,
+# `Path.write_text` — is refused before it is called. A user's own subclass in their own module is fine.
+BASE_CLASSES = {
+    "model": "krea_sweeps.models.ModelVariant",
+    "sampler": "krea_sweeps.sampler.Sampler",
+    "prompts": "krea_sweeps.prompts.PromptSet",
+    "intervention": "krea_sweeps.interventions.base.Intervention",
+    "interventions": "krea_sweeps.interventions.base.Intervention",
+    "metrics": "krea_sweeps.metrics.base.Metric",
+    "wandb": "krea_sweeps.tracking.WandbConfig",
+}
+
+
+def check_targets(node: Any, key: str) -> None:
+    """Every `_target_` in `node` (nested ones too: Hydra instantiates recursively) must name a subclass of the
+    group's base class; checked by importing the named class, never by calling anything."""
+    from hydra.utils import get_object
+
+    group = re.split(r"[.\[]", key, maxsplit=1)[0]
+    base = get_object(BASE_CLASSES[group])
+    for where, target in _targets(node, key):
+        try:
+            found = get_object(target) if isinstance(target, str) else None
+        except Exception:
+            found = None
+        require(isinstance(found, type) and issubclass(found, base), f"{where}._target_",
+                f"{target!r} is not a subclass of {base.__module__}.{base.__name__}",
+                f"use one of the `{group}` presets, or your own subclass of {base.__name__} in an importable module "
+                "(docs/cluster.md, 'Whose code runs')")
+
+
+def _targets(node: Any, key: str):
+    """(config key, `_target_` value) for every mapping in `node` that has one."""
+    if OmegaConf.is_config(node):
+        try:
+            node = OmegaConf.to_container(node, resolve=True)
+        except Exception:  # a broken interpolation is instantiate's error to report
+            node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "_target_":
+                yield key, v
+            else:
+                yield from _targets(v, f"{key}.{k}")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{key}[{i}]")
+
+
 def instantiate(node: Any, key: str):
-    """`hydra.utils.instantiate` that surfaces our one-line ConfigError instead of Hydra's wrapped traceback."""
+    """`hydra.utils.instantiate` that surfaces our one-line ConfigError instead of Hydra's wrapped traceback, and
+    refuses any `_target_` that is not one of our classes (or a user's subclass of them) before calling it."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
+    check_targets(node, key)
     try:
         return hydra_instantiate(node, _convert_="all")
     except (InstantiationException, TypeError) as e:
@@ -132,6 +204,17 @@ def field_of(error: BaseException) -> str | None:
     """The config field a constructor error names (an unknown or a missing key), when it names one."""
     match = _FIELD_IN_MESSAGE.search(str(error))
     return match.group(1) if match else None
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+
+
+def check_name(name) -> str:
+    """`name` is one folder under outputs/: no path separators, no `..`, nothing that can leave outputs/."""
+    name = str(name)
+    require(bool(_SAFE_NAME.fullmatch(name)) and ".." not in name, "name", f"{name!r} is not a plain folder name",
+            "use letters, digits and _ . + = - (it becomes outputs/<name>/), e.g. name=solo_sweep")
+    return name
 
 
 def normalise_seeds(seeds) -> list[int]:
@@ -239,7 +322,7 @@ def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
     panel_objects(cfg.get("report"))  # the preset's report panels: checked now, built by `krea-collect --report`
 
     job_dir, sweep_dir, name, multirun = _locations(hydra_cfg)
-    experiment = str(cfg.get("name", "default"))
+    experiment = check_name(cfg.get("name", "default"))
     job = Job(
         cfg=cfg, variant=variant, sampler=sampler, prompt_set=prompt_set, prompts=prompts, seeds=seeds,
         interventions=interventions, metrics=metrics, wandb=wandb_cfg, needs=needs_of(metrics), job_dir=job_dir,

@@ -74,21 +74,32 @@ def interrupt_guard():
             signal.signal(sig, previous)
 
 
-KEPT_ON_RERUN = (".hydra",)  # Hydra's record of this very run (written before the task starts)
-
-
 def clear_job_folder(job_dir: Path) -> None:
-    """Remove everything an earlier run of this job left (result, arrays, images, figures, W&B runs); keep this
-    run's `.hydra/` and the log file Hydra has open for it."""
+    """Remove everything an earlier run of this job left (result, arrays, images, figures, W&B runs, `.hydra/`);
+    keep only the log file Hydra has open for this run."""
     if not job_dir.is_dir():
         return
     for entry in job_dir.iterdir():
-        if entry.name in KEPT_ON_RERUN or (entry.suffix == ".log" and entry.is_file()):
+        if entry.suffix == ".log" and entry.is_file():
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def write_hydra_record(job_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | None) -> None:
+    """What Hydra would have written to `.hydra/` before the task (`hydra.output_subdir: null` stops it, so a run
+    rejected at planning cannot overwrite a finished job's record): written once the job is planned."""
+    from .files import atomic_write
+
+    files = {"config.yaml": cfg}
+    if hydra_cfg is not None:
+        files["hydra.yaml"] = OmegaConf.create({"hydra": hydra_cfg})
+        files["overrides.yaml"] = OmegaConf.select(hydra_cfg, "overrides.task", default=None) or []
+    for name, node in files.items():
+        with atomic_write(job_dir / ".hydra" / name) as tmp:
+            OmegaConf.save(node if OmegaConf.is_config(node) else OmegaConf.create(node), tmp)
 
 
 ABORTED_WANDB = "wandb-aborted"  # outside `<job>/wandb/`, so `wandb sync outputs/<name>/*/wandb/offline-run-*` skips it
@@ -205,6 +216,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
         log.info("rerun %s: its inputs changed since %s was written (prompts, model files, seeds, sampler, "
                  "interventions or metrics)", job.name, result_file)
     clear_job_folder(job.job_dir)  # a rerun starts empty: no stale arrays, images, figures or W&B runs
+    write_hydra_record(job.job_dir, cfg, hydra_cfg)
     if job.variant.synthetic and session.warn_once("synthetic"):  # once per process, not once per job
         log.warning(job.variant.synthetic_weights.warning)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -23,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, did_you_mean, require, require_choice
-from .plan import register_resolvers
+from .plan import SWEPT_KEYS_ENV, register_resolvers
 
 log = logging.getLogger("krea_sweeps")
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -38,11 +39,23 @@ def preflight(argv: list[str], conf_dir: Path = CONF) -> None:
     """One line (exit 2) for an unknown option of one of our config groups (`+experiment=typo`) or a key that does
     not exist (`intervention.slott=1`), instead of Hydra's multi-line composition error."""
     try:
+        check_names(argv)
         check_group_options(argv, conf_dir)
         check_keys_compose(argv, conf_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_names(argv: list[str]) -> None:
+    """`name=` becomes a folder under outputs/ before any callback runs (Hydra makes the job dir first)."""
+    from .plan import _split_overrides, check_name
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "name" and value:
+            for one in _split_overrides(value):
+                check_name(one.strip())
 
 
 def check_keys_compose(argv: list[str], conf_dir: Path = CONF) -> None:
@@ -172,6 +185,7 @@ def check_sweep(config: DictConfig) -> None:
         by_key[o.get_key_element()] = o
     batched = set(batch_axes_of(config))  # the batched job plans each of their values itself, before any load
     axes = {k: _values(o) for k, o in by_key.items() if o.is_sweep_override()}
+    os.environ[SWEPT_KEYS_ENV] = ",".join(sorted(k.lstrip("+~") for k in axes))  # job names keep these in full
     axes = {k: (v[:1] if k in batched else v) for k, v in axes.items()}
     fixed = [o.input_line for k, o in by_key.items() if not o.is_sweep_override()]
     first = {k: v[0] for k, v in axes.items()}

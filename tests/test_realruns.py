@@ -17,6 +17,8 @@ import pytest
 import torch
 from conftest import REPO, compose
 
+from wandb_offline import read_run
+
 from krea_sweeps.tokenizer import default_cache_dir
 
 
@@ -163,7 +165,9 @@ def test_a_key_without_a_reachable_server_costs_seconds_and_logs_offline_in_one_
 
     (tmp_path / "nokey").mkdir()
     (tmp_path / "key").mkdir()
-    args = ["-m", "seeds=0,1", *SMALL]
+    long_prompt = ("prompts.prompts=[A red fox sitting in fresh snow under a pale winter sky photographed at dawn "
+                   "with a long lens and soft light in muted colours with high detail]")
+    args = ["-m", "seeds=0,1", *SMALL, long_prompt]  # a long fixed override must not push the swept value out
     t0 = time.perf_counter()
     plain = _run(args, tmp_path / "nokey")
     t1 = time.perf_counter()
@@ -180,6 +184,9 @@ def test_a_key_without_a_reachable_server_costs_seconds_and_logs_offline_in_one_
     assert len(jobs) == 2
     for job in jobs:
         record = json.loads((job / "result.json").read_text())
+        seed = record["config"]["seeds"]
+        assert f"seeds={seed}" in job.name and len(job.name) <= 200  # 3. the swept value in full, in the name
+        assert f"seeds={seed}" in read_run(_offline_runs(job)[0])["run"]["name"]  # and in the W&B run name
         assert record["wandb"]["mode"] == "offline" and record["wandb"]["dir"]
         assert len(_offline_runs(job)) == 1
 
@@ -275,3 +282,119 @@ def test_a_rerun_leaves_one_wandb_run_and_no_stale_files(tmp_path):
     assert json.loads((job / "result.json").read_text())["job"]["prompts"] == ["a red fox", "a blue whale"]
     assert list(job.rglob("*p02*")) == []  # no stale arrays or images from the 3-prompt run
     assert len(_offline_runs(job)) == 1 and len(list(job.rglob("*.wandb"))) == 1
+
+
+# ------------------------------------------------------------------------------ 8. no foreign code from configs/results
+def test_collect_on_a_crafted_result_runs_nothing_from_it(tmp_path):
+    from test_collect import write_job
+
+    from krea_sweeps.collect import main as collect_main
+
+    victim, written = tmp_path / "victim.txt", tmp_path / "pwned.txt"
+    victim.write_text("x")
+    call = {"_target_": "shutil.copy", "src": str(victim), "dst": str(written)}
+    sweep = tmp_path / "outputs" / "crafted"
+    job = write_job(sweep, 0, "done")
+    record = json.loads((job / "result.json").read_text())
+    for key in ("model", "sampler", "prompts", "intervention", "wandb"):
+        record["config"][key] = {**call, "nested": dict(call)}
+    record["job"]["sampler_resolved"] = {"steps": 1}
+    record["baseline_keys"] = {"p00_s0": "../../victim"}
+    (job / "result.json").write_text(json.dumps(record))
+    (job / ".hydra" / "config.yaml").write_text(json.dumps(record["config"]))
+    (sweep / "_baselines").mkdir()
+    assert collect_main([str(sweep), "--wandb", "disabled"]) == 0
+    assert not written.exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("interventions=[{_target_: shutil.copy, src: VICTIM, dst: WRITTEN}]", "interventions[0]._target_"),
+    ("+metrics.x={_target_: shutil.copy, src: VICTIM, dst: WRITTEN}", "metrics.x._target_"),
+    ("intervention._target_=shutil.copy", "intervention._target_"),
+    ("+intervention.inner={_target_: shutil.copy, src: VICTIM, dst: WRITTEN}", "intervention.inner._target_"),
+    ("model._target_=pathlib.Path", "model._target_"),
+])
+def test_a_target_outside_our_base_classes_is_refused_before_it_is_called(tmp_path, override, key):
+    from krea_sweeps.errors import ConfigError
+    from krea_sweeps.plan import plan
+
+    victim, written = tmp_path / "victim.txt", tmp_path / "pwned.txt"
+    victim.write_text("x")
+    override = override.replace("VICTIM", str(victim)).replace("WRITTEN", str(written))
+    with pytest.raises(ConfigError) as err:
+        plan(compose([override]))
+    assert err.value.key == key and "\n" not in str(err.value) and "subclass" in str(err.value)
+    assert not written.exists()
+
+
+def test_a_users_own_subclass_in_their_own_module_is_accepted(tmp_path, monkeypatch):
+    from krea_sweeps.plan import plan
+
+    (tmp_path / "my_interventions.py").write_text(
+        "from krea_sweeps.interventions import Solo\n\nclass MySolo(Solo):\n    '''A user's own intervention.'''\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    job = plan(compose(["intervention=solo", "intervention._target_=my_interventions.MySolo", "intervention.slot=3"]))
+    assert type(job.interventions[0]).__name__ == "MySolo"
+
+
+@pytest.mark.parametrize("name", ["../../../x", "/tmp/x", "a/b", ".."])
+def test_name_cannot_leave_outputs(tmp_path, name):
+    r = _run([f"name={name}", *SMALL, "wandb.mode=disabled"], tmp_path)
+    assert r.returncode == 2 and "config key `name`" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere (cwd holds no outputs/)
+
+
+def test_a_rejected_single_run_leaves_the_finished_job_untouched(tmp_path):
+    args = [*SMALL, "wandb.mode=disabled"]
+    assert _run(args, tmp_path).returncode == 0
+    (job,) = [d for d in (tmp_path / "outputs" / "default").iterdir() if not d.name.startswith("_")]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in job.rglob("*") if p.is_file()}
+    assert (job / ".hydra" / "config.yaml").exists() and (job / "result.json").exists()
+    rejected = _run([*SMALL, "wandb.mode=bogus"], tmp_path)  # wandb.* stays out of the folder name: same folder
+    assert rejected.returncode == 2 and "wandb.mode" in rejected.stderr
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in job.rglob("*") if p.is_file()}
+    assert after == before
+
+
+# ------------------------------------------------------------------------------------------ 9. model-card files load
+@pytest.mark.parametrize("metadata", [
+    {"krea2_explorations": "1", "gains": "0,0,0,0,0,0,1,0,0,0,0,0", "isolate_band": "6", "qwen_layer": "20",
+     "solo_gain": "1.0"},  # as the model card toolkit writes it: gains as comma-separated text
+    None,  # metadata is optional: the tensor is what is applied
+])
+def test_a_model_card_toolkit_file_loads_and_applies_w_times_g(turbo, tmp_path, metadata):
+    from safetensors.torch import save_file
+
+    from krea_sweeps.interventions import DIFF_KEY, LoraFile
+    from krea_sweeps.plan import plan
+
+    assert DIFF_KEY == "diffusion_model.txtfusion.projector.diff"
+    weight = turbo.text_path.text_fusion.projector.weight.detach().float()
+    gains = torch.zeros(1, 12)
+    gains[0, 6] = 1.0
+    file = tmp_path / "projector_solo_b06_L20.safetensors"
+    save_file({DIFF_KEY: (weight * gains - weight).float().contiguous()}, str(file), metadata=metadata)
+    lora = LoraFile(path=str(file))
+    assert torch.equal(lora.effective_weight(weight), weight * gains)
+    described = lora.describe()
+    if metadata:
+        assert described["file_gains"] == [float(g) for g in gains[0]]
+        assert described["qwen_layer"] == "20" and described["isolate_band"] == "6"
+    else:
+        assert described["file_gains"] is None
+    job = plan(compose(["intervention=lora_file", f"intervention.path={file}", "metrics=[projector]"]))
+    assert type(job.interventions[0]) is LoraFile
+
+
+def test_names_keep_swept_values_and_leave_out_long_fixed_ones(monkeypatch):
+    from krea_sweeps.plan import MAX_READABLE, SWEPT_KEYS_ENV, job_slug
+
+    long = "prompts.path=" + "/very/long/folder" * 12 + "/prompts.txt"
+    dirname = f"{long},intervention.gains=[0.5,1,1,1,1,1,1,1,1,1,1,2],seeds=0"
+    monkeypatch.setenv(SWEPT_KEYS_ENV, "intervention.gains,seeds")
+    name = job_slug(dirname)
+    assert name.startswith("intervention.gains=_0.5,1,1,1,1,1,1,1,1,1,1,2_,seeds=0-") and "very" not in name
+    assert job_slug(dirname.replace("seeds=0", "seeds=1")) != name  # hash of everything: unique
+    assert job_slug("seeds=0,sampler.steps=2").startswith("sampler.steps=2,seeds=0-")  # short: all of it, sorted
+    monkeypatch.setenv(SWEPT_KEYS_ENV, "prompts.path")
+    assert len(job_slug(dirname)) <= MAX_READABLE + 9  # a swept value longer than a file name allows is cut

@@ -242,6 +242,7 @@ def read_diff_file(path: str | Path, key: str = "intervention.path") -> tuple[to
     from safetensors import SafetensorError, safe_open
 
     file = Path(path).expanduser()
+    require(not file.is_dir(), key, f"{file} is a folder", "give one projector .diff .safetensors file inside it")
     require(file.is_file(), key, f"{file} does not exist", "give a projector .diff .safetensors file (krea-export writes them)")
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -256,6 +257,26 @@ def read_diff_file(path: str | Path, key: str = "intervention.path") -> tuple[to
             f"{file.name}: `{DIFF_KEY}` has shape {list(tensor.shape)}", f"the projector diff must be [1, {NUM_SLOTS}]")
     require(bool(torch.isfinite(tensor).all()), key, f"{file.name} holds NaN/inf", "re-export the file")
     return tensor.float(), metadata
+
+
+CARD_METADATA = ("krea2_explorations", "isolate_band", "qwen_layer", "solo_gain")
+
+
+def parse_gains(text: str | None) -> list[float] | None:
+    """A file's `gains` metadata: ours is a JSON list, the model card toolkit's comma-separated text
+    (`0,0,0,0,0,0,1,0,0,0,0,0`). Metadata is optional (the tensor is what is applied): unreadable gains are None."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+        if isinstance(value, list):
+            return [float(v) for v in value]
+    except (ValueError, TypeError):
+        pass
+    try:
+        return [float(v) for v in str(text).strip().strip("[]").split(",")]
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -274,9 +295,11 @@ class LoraFile(Intervention):
         finite(self.strength, "intervention.strength")
         self.strength = float(self.strength)
         self.diff, metadata = read_diff_file(self.path)
-        self.file_gains = json.loads(metadata["gains"]) if "gains" in metadata else None
+        self.file_gains = parse_gains(metadata.get("gains"))
         self.file_meta = {k: metadata[k] for k in ("kind", "preset") if k in metadata}
         self.file_meta.update({k: int(metadata[k]) for k in ("slot", "layer") if metadata.get(k, "").isdigit()})
+        # The model card toolkit's own metadata (kept as text: it is a record, not an input).
+        self.file_meta.update({k: metadata[k] for k in CARD_METADATA if k in metadata})
 
     @property
     def is_identity(self) -> bool:
