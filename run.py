@@ -39,13 +39,18 @@ def main(cfg: DictConfig):
 
 
 def discard_unused_job_dir(path: str) -> None:
-    """Hydra creates the job dir before the task runs; a job rejected at planning leaves nothing behind."""
-    import shutil
+    """Hydra creates the job dir (and outputs/<name>/ above it) before the task runs; a job rejected at planning
+    leaves nothing behind: the folders it made are removed while they are empty."""
     from pathlib import Path
 
-    job_dir = Path(path)
-    if job_dir.is_dir() and {p.name for p in job_dir.iterdir()} <= {".hydra", "run.log"}:
-        shutil.rmtree(job_dir, ignore_errors=True)
+    job_dir, top = Path(path).absolute(), Path.cwd().absolute()
+    for folder in [job_dir, *job_dir.parents]:
+        if folder == top or top not in folder.parents:
+            break
+        try:
+            folder.rmdir()  # only ever an empty folder
+        except OSError:
+            break
 
 
 def exit_with_failures() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -109,6 +110,15 @@ def export(weight: torch.Tensor, out: Path, source: str, rebalance: list[str] = 
     return written
 
 
+def check_out(out: Path) -> None:
+    """`--out` is a folder we can write into (or create)."""
+    require(not out.exists() or out.is_dir(), "--out", f"{out} is a file, not a folder",
+            "give a folder, e.g. --out exports")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    require(os.access(existing, os.W_OK | os.X_OK), "--out", f"{existing} is not writable",
+            "choose a folder you can write to")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="krea-export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,15 +138,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        source = args.checkpoint or synthetic_checkpoint(args.synthetic or "turbo")
-        weight, key = read_projector(source)
+    try:  # every argument is checked before the model is read and before the first file is written
+        check_out(Path(args.out))
         rebalance = ["deep_boost"] if args.rebalance is None else [r for r in args.rebalance if r != "none"]
+        for spec in rebalance:
+            rebalance_spec(spec)
         loo = list(range(NUM_SLOTS)) if args.leave_one_out == ["all"] else slot_indices(args.leave_one_out,
                                                                                         "--leave-one-out")
+        source = args.checkpoint or synthetic_checkpoint(args.synthetic or "turbo")
+        weight, key = read_projector(source)
         written = export(weight, Path(args.out), f"{source}:{key}", rebalance, loo, solo=not args.no_solo)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a permission lost after the check
+        print(f"error: config key `--out`: cannot write under {args.out} ({e.strerror or e}) — choose a writable "
+              "folder with free space", file=sys.stderr)
         return 2
     print(f"projector of {source} ({key}): w = {[round(float(x), 4) for x in weight.float().view(-1)]}")
     print(f"wrote {len(written)} files under {args.out}/")

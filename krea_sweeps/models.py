@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,10 @@ class ModelVariant:
                 "is true but model.path is not set, so this would run the synthetic model (allow_network only matters "
                 "when model.path is a hub id)", f"set model.path to a hub id (e.g. krea/Krea-2-Raw) or a local folder, "
                 f"or KREA2_{'TURBO' if self.name == 'turbo' else 'RAW'}_PATH")
+        require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)) is not None, "model.device",
+                f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:N")
+        if self.lora_path is not None:
+            self._check_lora_path()
         self.offload = _offload_mode(self.offload)
         if self.offload != "none":
             require(resolve_device(self.device).type != "cpu", "model.offload",
@@ -135,6 +141,17 @@ class ModelVariant:
         if self.name == "turbo_lora" and self.path is not None:
             require(self.lora_path is not None, "model.lora_path", "turbo_lora needs the Turbo LoRA file",
                     "set model.lora_path (or KREA2_TURBO_LORA)")
+
+    def _check_lora_path(self) -> None:
+        """A LoRA file that is used must exist before anything loads; one that would be ignored is refused rather
+        than recorded as if it had been applied."""
+        require(not self.synthetic, "model.lora_path", "the synthetic model (model.path unset) ignores it: it applies "
+                "its own synthetic Turbo LoRA",
+                "unset model.lora_path (and KREA2_TURBO_LORA), or set model.path to the real Krea 2 Raw weights")
+        lora = Path(str(self.lora_path)).expanduser()
+        require(not lora.is_dir(), "model.lora_path", f"{lora} is a folder", "give the LoRA .safetensors file in it")
+        require(lora.is_file(), "model.lora_path", f"{lora} does not exist", "give the Turbo LoRA .safetensors file")
+        require(os.access(lora, os.R_OK), "model.lora_path", f"{lora} is not readable", "fix its permissions")
 
     @property
     def synthetic(self) -> bool:

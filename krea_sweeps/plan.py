@@ -304,6 +304,9 @@ def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
     from .interventions import InterventionContext, validate_all
     from .metrics import needs_of
 
+    for flag in ("force", "fail_fast", "conditioning_only"):  # Hydra hands `force=maybe` over as a string
+        require(isinstance(cfg.get(flag, False), bool), flag, f"{cfg.get(flag)!r} is not true or false",
+                f"use {flag}=true or {flag}=false")
     variant = instantiate(cfg.model, "model")
     sampler = instantiate(cfg.sampler, "sampler").resolved(variant)
     prompt_set = instantiate(cfg.prompts, "prompts")

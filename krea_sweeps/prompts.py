@@ -71,6 +71,7 @@ class PromptFile(PromptSet):
     def __post_init__(self):
         require(self.path is not None, "prompts.path", "no prompt file given", "set prompts.path=/path/to/prompts.txt")
         file = Path(self.path).expanduser()
+        require(not file.is_dir(), "prompts.path", f"{file} is a folder", "give a text file in it, one prompt a line")
         require(file.is_file(), "prompts.path", f"{file} does not exist", "give an existing text file, one prompt a line")
         try:
             lines = file.read_text(encoding="utf-8").splitlines()
@@ -176,6 +177,18 @@ def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[t
         ids.append(torch.cat([text.input_ids, tail.input_ids], dim=1))
         masks.append(torch.cat([text.attention_mask, tail.attention_mask], dim=1).bool())
     return torch.cat(ids), torch.cat(masks), prefix_idx
+
+
+def truncated_tokens(tokenizer, prompts: list[str], max_sequence_length: int) -> list[int]:
+    """How many tokens of each prompt's text do not fit in `max_sequence_length` (0 when it fits): `tokenize` cuts
+    them, as Krea 2 does; the job reports them instead of dropping them silently."""
+    prefix_idx = prefix_length(tokenizer)
+    tails = suffix_tokens(tokenizer, prompts, max_sequence_length).tolist()
+    out = []
+    for prompt, tail in zip(prompts, tails):
+        body_tokens = len(tokenizer(TEMPLATE_PREFIX + body_and_tail(prompt)[0]).input_ids) - prefix_idx
+        out.append(max(0, body_tokens - (max_sequence_length - tail)))
+    return out
 
 
 @torch.no_grad()

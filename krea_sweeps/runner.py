@@ -172,6 +172,11 @@ def wandb_config(config: dict, job: Job) -> dict:
     return out
 
 
+def without_job(config: dict) -> dict:
+    """The config as composed, for the record: `job` (prompts' text included) is stored beside it, once."""
+    return {k: v for k, v in config.items() if k != "job"}
+
+
 def objective_of(job: Job, summary: dict):
     """The value a Hydra sweeper (Optuna) optimises: `summary[objective]`, or a one-line error naming the real keys."""
     if not job.objective:
@@ -223,7 +228,8 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
     from .tracking import Tracker
 
     config = logged_config(job)
-    record = {"status": "running", "job": config["job"], "config": config, "synthetic": job.variant.synthetic,
+    record = {"status": "running", "job": config["job"], "config": without_job(config),
+              "synthetic": job.variant.synthetic,
               "synthetic_weights": job.variant.synthetic_weights.kind if job.variant.synthetic else None,
               "fingerprint": fingerprint, "versions": versions()}
     tracker = None
@@ -267,7 +273,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
         raise
     except Exception as e:
         write_json_atomic(failed_file, {"status": "failed", "job": config["job"], "error": f"{type(e).__name__}: {e}",
-                                        "traceback": traceback.format_exc(), "config": config,
+                                        "traceback": traceback.format_exc(), "config": without_job(config),
                                         "versions": versions()})
         session.failed_jobs.append(f"{job.name}: {type(e).__name__}: {e}")
         log.error("job %s failed: %s: %s (details in %s)", job.name, type(e).__name__, e, failed_file)

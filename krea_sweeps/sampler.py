@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,7 +136,11 @@ class Sampler:
                 "use auto (CUDA only), true or false")
 
     def resolved(self, variant) -> "Sampler":
-        """A copy with the variant's defaults filled in."""
+        """A copy with the variant's defaults filled in, and `max_sequence_length` checked against the encoder."""
+        limit = max_text_tokens(variant)
+        require(limit is None or self.max_sequence_length <= limit, "sampler.max_sequence_length",
+                f"{self.max_sequence_length} tokens is more than the text encoder supports ({limit})",
+                f"use at most {limit} (Krea 2 uses 512)")
         size = 64 if variant.synthetic else 1024
         return replace(
             self,
@@ -157,6 +162,26 @@ class Sampler:
         return {"steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
                 "max_sequence_length": self.max_sequence_length, "negative_prompt": self.negative_prompt,
                 "fast": self.fast_levers()}
+
+
+SYNTHETIC_MAX_POSITIONS = 128000  # transformers' Qwen3-VL text default, which the synthetic encoder keeps
+TEMPLATE_PREFIX_TOKENS = 34  # the chat template's system turn, encoded before the prompt (positions it uses)
+
+
+def max_text_tokens(variant) -> int | None:
+    """The longest `max_sequence_length` the variant's text encoder has positions for (its config.json's
+    `max_position_embeddings` less the template prefix); None when the config cannot be read without loading."""
+    import json
+
+    if variant.synthetic:
+        return SYNTHETIC_MAX_POSITIONS - TEMPLATE_PREFIX_TOKENS
+    from .models import sources_for
+
+    try:
+        config = json.loads((Path(sources_for(variant, ensure=False).text_encoder) / "config.json").read_text())
+        return int((config.get("text_config") or config)["max_position_embeddings"]) - TEMPLATE_PREFIX_TOKENS
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------- generation

@@ -70,7 +70,7 @@ def check_keys_compose(argv: list[str], conf_dir: Path = CONF) -> None:
     register_resolvers()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides)
     except HydraException as e:
         key = _failing_key(str(e), overrides)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -81,6 +81,8 @@ def check_keys_compose(argv: list[str], conf_dir: Path = CONF) -> None:
             hint = did_you_mean(key, config_keys(conf_dir, [o for o in overrides if not _sets(o, key)]))
         raise ConfigError(key, problem, f"{hint}check the spelling (`python run.py --cfg job` lists every key; "
                           "`++key=value` adds a new one)") from None
+    if not any(a.lstrip("+~").startswith(("hydra.run.dir", "hydra.sweep.dir")) for a in argv):
+        check_writable(Path("outputs") / str(cfg.get("name", "default")))
 
 
 def _sets(override: str, key: str) -> bool:
@@ -106,6 +108,14 @@ def dotted_keys(node, prefix: str = "") -> list[str]:
         out.append(key)
         out += dotted_keys(v, key)
     return out
+
+
+def check_writable(folder: Path) -> None:
+    """The sweep folder (or the nearest folder above it that exists) must be writable: Hydra creates job folders in
+    it before any of our code runs, and would fail there with a traceback."""
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+    require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), "name",
+            f"{existing} is not a writable folder", "make it writable (chmod u+w) or choose another name=")
 
 
 def _is_sweep_axis(arg: str) -> bool:

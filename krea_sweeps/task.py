@@ -307,6 +307,19 @@ def stock_images_of(ctx: JobContext, prompt: str, seeds: list[int]) -> dict[int,
     return out
 
 
+def report_truncation(ctx: JobContext) -> list[int]:
+    """Per prompt, the tokens that did not fit `sampler.max_sequence_length`; one warning line when any were cut."""
+    from .prompts import truncated_tokens
+
+    limit = ctx.job.sampler.max_sequence_length
+    cut = truncated_tokens(ctx.model.tokenizer, ctx.job.prompts, limit)
+    if any(cut):
+        which = ", ".join(f"prompt {p}: {n}" for p, n in enumerate(cut) if n)
+        log.warning("prompt text cut to sampler.max_sequence_length=%d tokens (%s tokens dropped); raise "
+                    "sampler.max_sequence_length to keep it", limit, which)
+    return cut
+
+
 def execute(job: Job, session: Session) -> dict:
     """Run one planned job with the session's caches and return its record (not yet written)."""
     import torch
@@ -321,6 +334,7 @@ def execute(job: Job, session: Session) -> dict:
     hits_before, misses_before = cache.hits, cache.misses  # the cache serves the whole process: count this job's
     with ctx.timings.phase("encode"):
         ctx.encoded = ctx.encode(job.prompts)
+        truncated = report_truncation(ctx)
     if "text_path" in job.needs and not job.generates:
         with ctx.timings.phase("load"):
             ctx.model.text_path  # noqa: B018 - load the slice now so its time is booked as load
@@ -347,6 +361,7 @@ def execute(job: Job, session: Session) -> dict:
         "baseline_keys": ctx.baseline_keys,
         "_wandb_images": images,
         "interventions": [i.describe() for i in job.interventions],  # after the run: includes what attach learned
+        "truncated_tokens": truncated,
         "encode_cache": {"hits": cache.hits - hits_before, "misses": cache.misses - misses_before},
     }
 

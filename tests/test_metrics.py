@@ -430,14 +430,15 @@ def test_every_metric_declares_exactly_the_keys_it_reports(job_ctx):
                   "intervention.slot=6")
     for metric in ctx.job.metrics:
         assert_declares_exactly(metric, ctx.job, metric.compute(ctx).summary)
-    image = job_ctx("metrics=[image_stats,image_distance,diversity,clip_score]", "seeds=[0,1]")
+    image = job_ctx("metrics=[image_stats,image_distance,diversity]", "seeds=[0,1]")  # clip_score: needs a model
     rng = np.random.default_rng(0)
     image.images = {(p, s): rng.random((8, 8, 3)) for p in range(len(image.job.prompts)) for s in (0, 1)}
     image.baseline_images = {k: rng.random((8, 8, 3)) for k in image.images}
-    for metric in image.job.metrics:  # clip_score without a path: skipped, and declares no keys
+    for metric in image.job.metrics:
         assert_declares_exactly(metric, image.job, metric.compute(image).summary)
     methods = ["attribution", "concept_maps", "restoration", "word_maps"]  # their declared keys: tests/test_methods.py
-    assert sorted([m.name for m in ctx.job.metrics + image.job.metrics] + methods) == metric_names  # all covered
+    covered = [m.name for m in ctx.job.metrics + image.job.metrics] + methods + ["clip_score"]
+    assert sorted(covered) == metric_names  # all covered (clip_score needs a CLIP model: its keys are checked above)
     assert ClipScore(path="somewhere").summary_keys(image.job) == ["clip_score/score"]
 
 
@@ -452,6 +453,9 @@ def test_bad_metric_input_fails_before_model_load(turbo, tmp_path, monkeypatch, 
     with pytest.raises(ConfigError) as e:
         plan(compose(["metrics=[diversity]", "seeds=[0]"]))
     assert e.value.key == "seeds"
+    with pytest.raises(ConfigError) as e:
+        plan(compose(["metrics=[clip_score]"]))  # no CLIP path: an error, not an empty summary
+    assert e.value.key == "metrics.clip_score.path" and "no CLIP model" in e.value.problem
     with pytest.raises(ConfigError) as e:
         plan(compose(["metrics=[clip_score]", f"metrics.clip_score.path={turbo.sources.text_encoder}"]))
     assert e.value.key == "metrics.clip_score.path" and "not a CLIP model" in e.value.problem

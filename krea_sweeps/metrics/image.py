@@ -148,7 +148,7 @@ class Diversity(Metric):
 @dataclass
 class ClipScore(Metric):
     """CLIPScore = 100 · max(cos(image embedding, prompt embedding), 0) with a local CLIP model (transformers).
-    Without a path it is skipped, with the reason logged; a path that is not a CLIP model is a config error."""
+    Selecting it without a path, or with a path that is not a CLIP model, is a config error (not an empty summary)."""
 
     name: ClassVar[str] = "clip_score"
     needs: ClassVar[frozenset] = frozenset({"images"})
@@ -162,8 +162,9 @@ class ClipScore(Metric):
 
     def validate(self, job) -> None:
         super().validate(job)
-        if self.path is None:
-            return
+        require(self.path is not None, "metrics.clip_score.path",
+                "no CLIP model given: clip_score would report nothing",
+                "set metrics.clip_score.path=/path/to/clip-folder (or KREA2_CLIP), or drop clip_score from metrics")
         folder = Path(self.path).expanduser()
         require(folder.is_dir(), "metrics.clip_score.path", f"{folder} is not a folder",
                 "give a local CLIP model folder (config.json + weights + tokenizer), or null to skip clip_score")
