@@ -411,9 +411,9 @@ def test_instantiate_reports_the_innermost_cause():
     from krea_sweeps.errors import ConfigError
     from krea_sweeps.plan import instantiate
 
-    with pytest.raises(ConfigError) as info:
-        instantiate({"_target_": "builtins.int", "_args_": ["abc"]}, "thing")
-    assert info.value.key == "thing" and "ValueError: invalid literal for int()" in str(info.value)
+    with pytest.raises(ConfigError) as info:  # one of ours (any other `_target_` is refused before it is called)
+        instantiate({"_target_": "krea_sweeps.tracking.WandbConfig", "_args_": list(range(9))}, "wandb")
+    assert info.value.key == "wandb" and "TypeError: " in str(info.value) and "positional argument" in str(info.value)
 
 
 def test_a_non_number_leaves_no_job_folder(cli):
