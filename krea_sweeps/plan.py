@@ -121,12 +121,16 @@ def check_targets(node: Any, key: str) -> None:
     from hydra.utils import get_object
 
     group = re.split(r"[.\[]", key, maxsplit=1)[0]
-    base = get_object(BASE_CLASSES[group])
+    base = get_object(BASE_CLASSES[group]) if group in BASE_CLASSES else None
     for where, target in _targets(node, key):
         try:
             found = get_object(target) if isinstance(target, str) else None
         except Exception:
             found = None
+        if base is None:  # a group without a base class (e.g. report panels): only classes of this package
+            require(isinstance(found, type) and found.__module__.startswith("krea_sweeps."), f"{where}._target_",
+                    f"{target!r} is not a krea_sweeps class", f"use one of the `{group}` classes of krea_sweeps")
+            continue
         require(isinstance(found, type) and issubclass(found, base), f"{where}._target_",
                 f"{target!r} is not a subclass of {base.__module__}.{base.__name__}",
                 f"use one of the `{group}` presets, or your own subclass of {base.__name__} in an importable module "
