@@ -127,6 +127,9 @@ def check_targets(node: Any, key: str) -> None:
             found = get_object(target) if isinstance(target, str) else None
         except Exception:
             found = None
+        ours = isinstance(found, type) and found.__module__.startswith("krea_sweeps.")
+        if where != key and ours:  # a nested part of one of our objects (e.g. model.synthetic_weights)
+            continue
         if base is None:  # a group without a base class (e.g. report panels): only classes of this package
             require(isinstance(found, type) and found.__module__.startswith("krea_sweeps."), f"{where}._target_",
                     f"{target!r} is not a krea_sweeps class", f"use one of the `{group}` classes of krea_sweeps")
