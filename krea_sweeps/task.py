@@ -308,11 +308,19 @@ def stock_images_of(ctx: JobContext, prompt: str, seeds: list[int]) -> dict[int,
 
 
 def report_truncation(ctx: JobContext) -> list[int]:
-    """Per prompt, the tokens that did not fit `sampler.max_sequence_length`; one warning line when any were cut."""
+    """Per prompt, the tokens that did not fit `sampler.max_sequence_length`; one warning line when any were cut.
+
+    Only prompts whose encoding fills the limit can have been cut (a shorter one has valid tokens to spare), so the
+    tokenizer is asked about those alone: a job whose prompts all hit the encode cache loads no tokenizer."""
     from .prompts import truncated_tokens
 
     limit = ctx.job.sampler.max_sequence_length
-    cut = truncated_tokens(ctx.model.tokenizer, ctx.job.prompts, limit)
+    prompts = ctx.job.prompts
+    full = [p for p, valid in enumerate(ctx.encoded.mask.sum(dim=1).tolist()) if valid >= limit]
+    cut = [0] * len(prompts)
+    if full:
+        for p, n in zip(full, truncated_tokens(ctx.model.tokenizer, [prompts[p] for p in full], limit)):
+            cut[p] = n
     if any(cut):
         which = ", ".join(f"prompt {p}: {n}" for p, n in enumerate(cut) if n)
         log.warning("prompt text cut to sampler.max_sequence_length=%d tokens (%s tokens dropped); raise "

@@ -469,6 +469,10 @@ def test_an_over_long_prompt_is_reported_per_prompt_and_stored_once(tmp_path):
     cut = record["truncated_tokens"]
     assert cut[0] == 0 and cut[1] > 100
     assert record["job"]["prompts"][1] == long_prompt and long_prompt not in json.dumps(record["config"])  # not 3×
+    again = _run(["prompts=file", f"prompts.path={prompts}", "sampler.steps=1", "sampler.max_sequence_length=32",
+                  "metrics=[projector]", "wandb.mode=disabled"], tmp_path)  # every prompt from the encode cache now
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(result.read_text())["truncated_tokens"] == cut
 
 
 def test_a_read_only_sweep_folder_is_refused_in_one_line(tmp_path, monkeypatch):
