@@ -28,7 +28,7 @@ import torch
 
 from ..errors import require
 from .base import Metric, MetricOutput
-from .word_maps import PIXELS_PER_TOKEN, MapSink, map_stats, swapped_processors, upsample
+from .word_maps import MapSink, checked_blocks, latent_grid, map_stats, swapped_processors, upsample
 
 log = logging.getLogger(__name__)
 
@@ -162,21 +162,13 @@ class ConceptMaps(Metric):
         last = [int(row.nonzero().max()) for row in enc.content]
         return torch.stack([states[i, t] for i, t in enumerate(last)])
 
-    def grid(self, ctx) -> tuple[int, int]:
-        s = ctx.job.sampler
-        return s.height // PIXELS_PER_TOKEN, s.width // PIXELS_PER_TOKEN
-
     @contextmanager
     def recording(self, ctx, kind: str, p: int, seeds: list[int]) -> Iterator[None]:
         from ..sampler import STATE
 
         transformer = ctx.model.transformer
-        blocks = list(transformer.transformer_blocks)
-        if self.blocks is not None:
-            require(max(self.blocks) < len(blocks), "metrics.concept_maps.blocks",
-                    f"block {max(self.blocks)} does not exist (the DiT has {len(blocks)})",
-                    f"give indices 0–{len(blocks) - 1}")
-        h, w = self.grid(ctx)
+        blocks = checked_blocks(transformer, self.blocks, "metrics.concept_maps.blocks")
+        h, w = latent_grid(ctx.job.sampler)
         n_img = h * w
         sink = MapSink(STATE, self.blocks, self.steps, n_img, ctx.job.sampler.steps, seeds, chunk=1)
         tokens = self.concept_tokens(ctx)
@@ -226,7 +218,7 @@ class ConceptMaps(Metric):
             for k in missing:
                 if not np.array_equal(again[k], ctx.images[k]):
                     raise RuntimeError(f"concept_maps: image {k} came out different when regenerated")
-        h, w = self.grid(ctx)
+        h, w = latent_grid(ctx.job.sampler)
         size = (ctx.job.sampler.height, ctx.job.sampler.width)
         rows, arrays, images = [], {"concepts": np.array(self.concepts, dtype=str)}, {}
         for p, seed in keys:

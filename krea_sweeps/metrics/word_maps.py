@@ -42,6 +42,20 @@ from .base import Metric, MetricOutput
 log = logging.getLogger(__name__)
 
 PIXELS_PER_TOKEN = 16  # VAE ×8, then 2×2 patches
+
+
+def latent_grid(sampler) -> tuple[int, int]:
+    """The DiT's image-token grid (rows, columns) at the sampler's resolution."""
+    return sampler.height // PIXELS_PER_TOKEN, sampler.width // PIXELS_PER_TOKEN
+
+
+def checked_blocks(transformer, blocks: list[int] | None, key: str) -> list:
+    """The DiT's blocks, after checking that every index a map metric records from exists (one line naming `key`)."""
+    found = list(transformer.transformer_blocks)
+    if blocks is not None:
+        require(max(blocks) < len(found), key, f"block {max(blocks)} does not exist (the DiT has {len(found)})",
+                f"give indices 0–{len(found) - 1}")
+    return found
 WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]+")
 
 
@@ -287,21 +301,13 @@ class WordMaps(Metric):
                 "attention processor, so word maps cannot be recorded", "set sampler.compile=false (or auto on CPU)")
 
     # ---- recording
-    def grid(self, ctx) -> tuple[int, int]:
-        s = ctx.job.sampler
-        return s.height // PIXELS_PER_TOKEN, s.width // PIXELS_PER_TOKEN
-
     @contextmanager
     def recording(self, ctx, kind: str, p: int, seeds: list[int]) -> Iterator[None]:
         from ..sampler import STATE
 
         transformer = ctx.model.transformer
-        blocks = list(transformer.transformer_blocks)
-        if self.blocks is not None:
-            require(max(self.blocks) < len(blocks), "metrics.word_maps.blocks",
-                    f"block {max(self.blocks)} does not exist (the DiT has {len(blocks)})",
-                    f"give indices 0–{len(blocks) - 1}")
-        h, w = self.grid(ctx)
+        blocks = checked_blocks(transformer, self.blocks, "metrics.word_maps.blocks")
+        h, w = latent_grid(ctx.job.sampler)
         sink = MapSink(STATE, self.blocks, self.steps, h * w, ctx.job.sampler.steps, seeds, self.chunk)
         with ExitStack() as stack:
             stack.enter_context(swapped_processors([b.attn for b in blocks],
@@ -362,9 +368,9 @@ class WordMaps(Metric):
         keys = sorted(ctx.images)
         mine = self.recorded(ctx, "stock" if ctx.job.is_stock else "job", keys)
         stock = self.recorded(ctx, "stock", keys) if self.compare_stock else None
-        grid = self.grid(ctx)
+        grid = latent_grid(ctx.job.sampler)
         size = (ctx.job.sampler.height, ctx.job.sampler.width)
-        summary_rows, rows, arrays, images = [], [], {}, {}
+        rows, arrays, images = [], {}, {}
         words_by_prompt = {}
         for p in sorted({p for p, _ in keys}):
             n_content = int(ctx.encoded.index(p).content.sum())
