@@ -220,6 +220,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
             return objective_of(job, previous.get("summary", {}))
         log.info("rerun %s: its inputs changed since %s was written (prompts, model files, seeds, sampler, "
                  "interventions or metrics)", job.name, result_file)
+    session.jobs_started += 1
     clear_job_folder(job.job_dir)  # a rerun starts empty: no stale arrays, images, figures or W&B runs
     write_hydra_record(job.job_dir, cfg, hydra_cfg)
     if job.variant.synthetic and session.warn_once("synthetic"):  # once per process, not once per job
@@ -244,7 +245,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
                 record["wandb"] = tracker.where()
                 out = execute(job, session)
                 images = out.pop("_wandb_images")
-                record.update(out, status="done")
+                record.update(out, status="done", process=session.process_record())
                 record["timings"]["total"] = time.perf_counter() - t0
                 if job.objective:
                     value = objective_of(job, record["summary"])

@@ -27,7 +27,8 @@ class Session:
     - `projector_chains`: the projector's active edit chain per module (weak: it dies with the module);
     - `failed_jobs`: `name: error` per failed job, reported by `run.py` at exit;
     - `wandb_server`: whether the W&B server answered (probed once per process, not once per job);
-    - `warned`: one-time warnings already given.
+    - `warned`: one-time warnings already given;
+    - `jobs_started`: how many jobs this process has started (`result.json` records it with the loads so far).
     """
 
     models: ModelCache = field(default_factory=ModelCache)
@@ -38,6 +39,16 @@ class Session:
     failed_jobs: list[str] = field(default_factory=list)
     wandb_server: ServerCheck = field(default_factory=ServerCheck)
     warned: set[str] = field(default_factory=set)
+    jobs_started: int = 0
+
+    def process_record(self) -> dict:
+        """Which process ran a job and what it had loaded by then: the evidence, in `result.json`, that a worker
+        kept its model between jobs (a Ray or SLURM worker's log lines can be lost; this cannot)."""
+        import os
+        import socket
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "job_in_process": self.jobs_started,
+                "model_loads": dict(self.models.load_counts)}
 
     def encode_cache(self, folder: Path | None):
         """One encode cache per folder (the sweep's `_encoded/`), shared by the jobs this process runs."""
