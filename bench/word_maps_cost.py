@@ -55,7 +55,7 @@ def cpu_wall_time(size: int, repeats: int) -> dict:
     from krea_sweeps.metrics.word_maps import MapSink, TextAttentionProcessor, swapped_processors
     from krea_sweeps.models import LoadedModel, ModelVariant
     from krea_sweeps.prompts import EncodeCache
-    from krea_sweeps.sampler import STATE, Sampler, generate_many
+    from krea_sweeps.sampler import DenoiseState, Sampler, generate_many
 
     model = LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=8, guidance=0.0))
     pipe = model.pipeline()
@@ -68,13 +68,10 @@ def cpu_wall_time(size: int, repeats: int) -> dict:
         return generate_many(pipe, sampler, cond, neg, [0])
 
     def recording():
-        sink = MapSink(STATE, None, None, (size // 16) ** 2, sampler.steps, [0], chunk=256)
-        handle = pipe.transformer.register_forward_hook(sink.count_call)
-        try:
-            with swapped_processors(blocks, lambda old, i: TextAttentionProcessor(old, sink, i)):
-                return generate_many(pipe, sampler, cond, neg, [0])
-        finally:
-            handle.remove()
+        state = DenoiseState()
+        sink = MapSink(state, None, None, (size // 16) ** 2, sampler.steps, [0], chunk=256)
+        with swapped_processors(blocks, lambda old, i: TextAttentionProcessor(old, sink, i)):
+            return generate_many(pipe, sampler, cond, neg, [0], state=state)
 
     times = {"plain": [], "recording": []}
     plain(), recording()  # warm-up

@@ -1,9 +1,9 @@
 """Generation (config group `sampler`) through diffusers' own `Krea2Pipeline`, fed our encoded `prompt_embeds`.
 
 Nothing here re-implements the sampler: the pipeline runs the scheduler, CFG and VAE decode. What we add is the
-`DenoiseState` — which CFG branch and which denoising step the transformer (and so `text_fusion`) is running for —
-so interventions can be gated to the positive branch and to a step window. diffusers calls the transformer for the
-positive prompt first and then, when guidance > 0, for the negative one, every step.
+`DenoiseState` — which CFG branch and which denoising step the transformer (and so `text_fusion`) is running for,
+read off what the pipeline passes (which embeddings object, which step its callback reports), never by counting
+calls — so interventions can be gated to the positive branch and to a step window.
 
 The fast path (`sampler.fast=true`, the config default) keeps the same pipeline call and changes only what it is fed
 and how the transformer's text modules are called, each lever exact in math and switchable on its own:
@@ -11,7 +11,7 @@ and how the transformer's text modules are called, each lever exact in math and 
   ever masked keys whose own outputs are discarded, so the result is the same math on ~40 instead of 512 tokens; the
   DiT then runs without a key mask (diffusers' contract: `None` when every text token is valid).
 - `cache_text_path`: `text_fusion` and `txt_in` do not depend on the step, so they run once per image and branch
-  instead of once per step — unless something inside them reads the step (an intervention's step window).
+  instead of once per step — unless an attached edit declares `depends_on_step` (any step window does).
 - `batch_seeds`: the seeds of one prompt in one pipeline call (a generator list); pays when per-call overhead dominates.
 - `compile`: `compile_repeated_blocks(fullgraph=True)` on the DiT blocks (CUDA only with `auto`). Compiling lasts for
   the process: a later `fast=false` call runs the compiled blocks too, so it warns, and `runs_compiled` enters the
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import as_float, as_int, require
 
@@ -34,62 +35,102 @@ log = logging.getLogger(__name__)
 
 
 class DenoiseState:
-    """Where generation is: `branch` in {cond, uncond}, `step` in [0, steps). Conditioning-only runs stay cond/0.
+    """Where generation is, as the pipeline says it — one object per job (or test), bound to each pipeline call it
+    follows and passed explicitly to whatever gates on it (interventions via `InterventionContext.state`, map
+    metrics, the text-path cache). Read `branch`, `step` and `seeds`; nothing here counts calls.
 
-    Reads of `step` (and `calls`) are counted, so the text-path cache can tell a step-dependent edit (one that
-    consulted the step) from a step-independent one and never reuse the former's output across steps."""
+    - `branch` ∈ {cond, uncond}: which embeddings object the transformer receives as `encoder_hidden_states` — the
+      one the pipeline made from our positive `prompt_embeds`, or from our negative ones (`following` records both
+      as `Krea2Pipeline.encode_prompt` returns them). Anything else (e.g. a batched-CFG release) raises.
+    - `step`: the denoising step index, from the pipeline's `callback_on_step_end` (0 until step 0 ends, then i+1);
+      equal to the scheduler's index of the timestep the transformer is running.
+    - `seeds`: the images of the current pipeline call, in batch order.
+    - `step_dependent`: per branch, how many attached edits declared that they vary with the step there
+      (`Intervention.depends_on_step`); while > 0 the text-path cache stores nothing for that branch.
 
-    def __init__(self, branch: str = "cond", step: int = 0, calls: int = 0):
+    Outside a pipeline call it reads cond / step 0: conditioning-only runs see the text path as the positive branch
+    does at the first step."""
+
+    def __init__(self, branch: str = "cond", step: int = 0):
         self.branch = branch
-        self._step = step
-        self._calls = calls
-        self.step_reads = 0
-
-    @property
-    def step(self) -> int:
-        self.step_reads += 1
-        return self._step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self._step = value
-
-    @property
-    def calls(self) -> int:
-        self.step_reads += 1
-        return self._calls
-
-    @calls.setter
-    def calls(self, value: int) -> None:
-        self._calls = value
+        self.step = step
+        self.seeds: list[int] = []
+        self.step_dependent = {"cond": 0, "uncond": 0}
+        self._embeddings: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
-        self.branch, self._step, self._calls = "cond", 0, 0
+        self.branch, self.step, self.seeds, self._embeddings = "cond", 0, [], {}
+
+    def branch_of(self, embeddings) -> str:
+        """The CFG branch whose embeddings object `embeddings` is (identity, not content: equal prompts stay apart)."""
+        for branch, given in self._embeddings.items():
+            if embeddings is given:
+                return branch
+        raise RuntimeError(
+            "krea_sweeps cannot tell the CFG branch: the transformer received text embeddings that are neither the "
+            "positive nor the negative prompt_embeds this Krea2Pipeline call prepared (a diffusers release that "
+            "batches both halves into one call?). Gated interventions would edit the wrong rows; use the diffusers "
+            "version pinned in pyproject.toml (>=0.42.1,<0.43), which calls the transformer once per branch.")
+
+    @contextmanager
+    def declaring(self, depends_on_step: bool, apply_to: str = "both"):
+        """While the body runs, count an attached edit that varies with the step in the branches it applies to (the
+        text-path cache then stores nothing for them)."""
+        branches = [b for b in self.step_dependent if apply_to in ("both", b)] if depends_on_step else []
+        for b in branches:
+            self.step_dependent[b] += 1
+        try:
+            yield
+        finally:
+            for b in branches:
+                self.step_dependent[b] -= 1
+
+    @property
+    def varies_with_step(self) -> bool:
+        """Whether an attached edit declared that the current branch's text path varies with the step."""
+        return self.step_dependent.get(self.branch, 0) > 0
+
+    @contextmanager
+    def following(self, pipe, positive, negative, seeds: list[int]):
+        """Bind this state to one `pipe(...)` call whose `prompt_embeds` is `positive` and `negative_prompt_embeds`
+        is `negative` (None without CFG); yields the `callback_on_step_end` that advances `step`.
+
+        `encode_prompt` (public) is wrapped on the instance for the call to learn which objects it returns for which
+        input; a pre-hook on the transformer (first in line, before anything that rebuilds its arguments) reads the
+        branch off the object it receives. Both are removed on exit and the state reads cond / 0 again."""
+        if negative is not None and negative is positive:  # one object passed twice: give the negative its own
+            negative = negative.detach()                     # identity (a view: no copy)
+        encode_prompt = pipe.encode_prompt
+
+        def recording_encode_prompt(*args, **kwargs):
+            out = encode_prompt(*args, **kwargs)
+            given = kwargs.get("prompt_embeds")
+            if given is not None and given is positive:
+                self._embeddings["cond"] = out[0]
+            elif given is not None and given is negative:
+                self._embeddings["uncond"] = out[0]
+            return out
+
+        def transformer_pre_hook(module, args, kwargs):
+            self.branch = self.branch_of(kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None))
+
+        def step_end(_pipe, i, _t, callback_kwargs):
+            self.step = int(i) + 1
+            return callback_kwargs
+
+        self.reset()
+        self.seeds = list(seeds)
+        pipe.encode_prompt = recording_encode_prompt
+        handle = pipe.transformer.register_forward_pre_hook(transformer_pre_hook, with_kwargs=True, prepend=True)
+        try:
+            yield step_end, positive, negative
+        finally:
+            handle.remove()
+            del pipe.encode_prompt  # the class's method again
+            self.reset()
 
     def __repr__(self) -> str:
-        return f"DenoiseState(branch={self.branch!r}, step={self._step}, calls={self._calls})"
-
-
-STATE = DenoiseState()
-
-
-@contextmanager
-def track_denoise_state(transformer, guidance: float, state: DenoiseState = STATE):
-    """Count transformer calls to know the branch and step (cond first, then uncond, per step)."""
-    calls_per_step = 2 if guidance > 0 else 1
-
-    def pre_hook(module, args):
-        state.step, within = divmod(state._calls, calls_per_step)
-        state.branch = "cond" if within == 0 else "uncond"
-        state._calls += 1
-
-    state.reset()
-    handle = transformer.register_forward_pre_hook(pre_hook)
-    try:
-        yield state
-    finally:
-        handle.remove()
-        state.reset()
+        return f"DenoiseState(branch={self.branch!r}, step={self.step}, seeds={self.seeds})"
 
 
 @dataclass
@@ -186,47 +227,54 @@ def max_text_tokens(variant) -> int | None:
 
 # ----------------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
-def generate(pipe, sampler: Sampler, cond, neg, seed: int, on_step=None, step_dependent: bool = False) -> np.ndarray:
+def generate(pipe, sampler: Sampler, cond, neg, seed: int, on_step=None, state: DenoiseState | None = None,
+             step_dependent: bool = False) -> np.ndarray:
     """One image [H, W, 3] in [0, 1] for one encoded prompt and seed, through `Krea2Pipeline.__call__`."""
-    return generate_many(pipe, sampler, cond, neg, [seed], on_step=on_step, step_dependent=step_dependent)[0]
+    return generate_many(pipe, sampler, cond, neg, [seed], on_step=on_step, state=state,
+                         step_dependent=step_dependent)[0]
 
 
 @torch.no_grad()
-def generate_many(pipe, sampler: Sampler, cond, neg, seeds: list[int], on_step=None,
+def generate_many(pipe, sampler: Sampler, cond, neg, seeds: list[int], on_step=None, state: DenoiseState | None = None,
                   step_dependent: bool = False) -> list[np.ndarray]:
     """Images for one encoded prompt and several seeds, in seed order.
 
-    `step_dependent=True` (an attached intervention has a step window) turns the text-path cache off outright; the
-    cache also turns itself off for any call that reads `STATE.step`, so this flag is a belt to those braces."""
+    `state`: the `DenoiseState` that attached interventions and metrics gate on (`InterventionContext.state`); each
+    pipeline call binds it. Without one, a fresh state is followed (nothing attached can be reading it).
+    The text-path cache stores nothing for a branch while `state` counts an attached edit that declared
+    `depends_on_step` there, and is off when `step_dependent=True` (for callers that know more than what is attached)."""
+    state = state if state is not None else DenoiseState()
     if not sampler.fast:
         warn_if_eager_on_compiled(pipe.transformer)
-        return [_pipeline_call(pipe, sampler, cond, neg, [seed], on_step)[0] for seed in seeds]
+        return [_pipeline_call(pipe, sampler, cond, neg, [seed], on_step, state)[0] for seed in seeds]
     if sampler.trim_padding:
         cond, neg = trim_padding(cond), trim_padding(neg)
     groups = [list(seeds)] if sampler.batch_seeds else [[s] for s in seeds]
     out = []
-    with fast_transformer(pipe.transformer, sampler, cache_text=sampler.cache_text_path and not step_dependent):
+    cache_text = sampler.cache_text_path and not step_dependent
+    with fast_transformer(pipe.transformer, sampler, cache_text=cache_text, state=state):
         for group in groups:
-            out.extend(_pipeline_call(pipe, sampler, cond, neg, group, on_step))
+            out.extend(_pipeline_call(pipe, sampler, cond, neg, group, on_step, state))
     return out
 
 
-def _pipeline_call(pipe, sampler: Sampler, cond, neg, seeds: list[int], on_step) -> list[np.ndarray]:
+def _pipeline_call(pipe, sampler: Sampler, cond, neg, seeds: list[int], on_step, state: DenoiseState) -> list[np.ndarray]:
     """One `Krea2Pipeline.__call__` for `len(seeds)` images of one prompt (seed i's noise from its own generator, so
-    a batch's latents equal the single-seed ones)."""
-
-    def step_end(_pipe, _i, _t, kwargs):
-        for _ in seeds:
-            on_step()
-        return kwargs
-
+    a batch's latents equal the single-seed ones), followed by `state`."""
     use_cfg = sampler.guidance > 0
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    with track_denoise_state(pipe.transformer, sampler.guidance):
+    with state.following(pipe, cond.taps, neg.taps if use_cfg else None, seeds) as (advance, positive, negative):
+        def step_end(_pipe, i, t, kwargs):
+            kwargs = advance(_pipe, i, t, kwargs)
+            if on_step is not None:
+                for _ in seeds:
+                    on_step()
+            return kwargs
+
         out = pipe(
-            prompt_embeds=cond.taps,
+            prompt_embeds=positive,
             prompt_embeds_mask=cond.mask,
-            negative_prompt_embeds=neg.taps if use_cfg else None,
+            negative_prompt_embeds=negative,
             negative_prompt_embeds_mask=neg.mask if use_cfg else None,
             height=sampler.height,
             width=sampler.width,
@@ -236,7 +284,7 @@ def _pipeline_call(pipe, sampler: Sampler, cond, neg, seeds: list[int], on_step)
             generator=generators[0] if len(generators) == 1 else generators,
             output_type="np",
             max_sequence_length=sampler.max_sequence_length,
-            callback_on_step_end=step_end if on_step is not None else None,
+            callback_on_step_end=step_end,
         )
     return list(out.images)
 
@@ -289,13 +337,13 @@ def warn_if_eager_on_compiled(transformer) -> None:
 
 
 @contextmanager
-def fast_transformer(transformer, sampler: Sampler, cache_text: bool, state: DenoiseState = STATE):
+def fast_transformer(transformer, sampler: Sampler, cache_text: bool, state: DenoiseState):
     """Install the fast path's hooks for one `generate_many` call; everything is removed on exit.
 
     - an unmasked DiT when the text holds no pads: the transformer pre-hook drops an all-True key mask and rebuilds
       `position_ids` for the branch's own text length (the pipeline builds them once, from the positive prompt);
       `text_fusion` still receives an all-True mask, so hooks that read it see the same kind of argument as eagerly;
-    - the text-path cache (`TextPathCache`) around `text_fusion` and `txt_in`."""
+    - the text-path cache (`CachedTextModule`) in place of `text_fusion` and `txt_in`."""
     if should_compile(sampler, transformer.device):
         compile_blocks(transformer)
     with ExitStack() as stack:
@@ -303,8 +351,8 @@ def fast_transformer(transformer, sampler: Sampler, cache_text: bool, state: Den
             stack.enter_context(_unmasked_dit(transformer))
         if cache_text:
             cache = TextPathCache(state)
-            stack.enter_context(cache.wrapping(transformer.text_fusion))
-            stack.enter_context(cache.wrapping(transformer.txt_in))
+            stack.enter_context(cache.wrapping(transformer, "text_fusion"))
+            stack.enter_context(cache.wrapping(transformer, "txt_in"))
         yield
 
 
@@ -349,53 +397,56 @@ def _unmasked_dit(transformer):
             h.remove()
 
 
+class CachedTextModule(nn.Module):
+    """Stands in for a text module (`text_fusion`, `txt_in`) of a DiT during one `generate_many` call: returns the
+    stored output while its input is the very same tensor (same object, same version) in the same CFG branch — i.e.
+    across the steps of one image — and otherwise calls the module, hooks and all.
+
+    Being the DiT's child in the module's place, it sees the call before the module's own hooks, so it is keyed on
+    the tensor the transformer passed, not on what a pre-hook made of it (a taps edit returns a new tensor every call,
+    which would miss every step). The stored output already holds the hooks' effect, so a hit returns it without
+    running them. Nothing is stored while an attached edit declares `depends_on_step` (its output varies with the
+    step), and an entry whose output was edited in place afterwards (by a later consumer) is dropped."""
+
+    def __init__(self, inner: nn.Module, cache: "TextPathCache"):
+        super().__init__()
+        self.inner = inner
+        self.cache = cache  # a plain object, not a module: not part of the state dict
+
+    def forward(self, x, *args, **kwargs):
+        cache, state = self.cache, self.cache.state
+        mask = kwargs.get("attention_mask", args[0] if args else None)
+        key = (id(self.inner), state.branch)
+        entry = cache.entries.get(key)
+        if (entry is not None and entry[0] is x and entry[1] == x._version and entry[2] is mask
+                and entry[3]._version == entry[4]):
+            cache.hits += 1
+            return entry[3]
+        cache.misses += 1
+        out = self.inner(x, *args, **kwargs)
+        if not state.varies_with_step and isinstance(out, torch.Tensor):
+            cache.entries[key] = (x, x._version, mask, out, out._version)
+        else:
+            cache.entries.pop(key, None)
+        return out
+
+
 class TextPathCache:
-    """Reuse a text module's output while its input is the very same tensor (same object, same version) in the same
-    CFG branch — i.e. across the steps of one image. A miss that read `STATE.step` is not stored (its output depends
-    on the step), and an entry whose output was edited in place afterwards (by a later consumer) is dropped.
+    """The text-path cache of one `generate_many` call: entries, hit/miss counts, and the state it keys on."""
 
-    The cache sits in front of the module's own hooks, so it is keyed on the tensor the transformer passed, not on
-    what a pre-hook made of it (a taps edit returns a new tensor every call, which would miss every step). A miss runs
-    the module with its hooks (pre-hooks, forward, forward hooks, hooks inside), once per image and branch; the stored
-    output already holds their effect, so a hit returns it without running them."""
-
-    def __init__(self, state: DenoiseState = STATE):
-        self.state = state
+    def __init__(self, state: DenoiseState | None = None):
+        self.state = state if state is not None else DenoiseState()
         self.entries: dict[tuple, tuple] = {}
         self.hits = self.misses = 0
 
     @contextmanager
-    def wrapping(self, module):
-        """Cache `module`'s calls while the body runs. `Module.__call__` dispatches to `self._call_impl`, which runs the
-        hooks and `forward`: an instance attribute of that name sees the call before any hook. The name is torch's
-        own (private); were a version to stop dispatching through it, the cache would stop hitting — slower, never
-        wrong — and tests/test_fast_path.py's once-per-image counts would fail."""
-        own = module.__dict__.get("_call_impl")
-        inner = own if own is not None else module._call_impl
-
-        def cached_call(x, *args, **kwargs):
-            mask = kwargs.get("attention_mask", args[0] if args else None)
-            key = (id(module), self.state.branch)
-            entry = self.entries.get(key)
-            if (entry is not None and entry[0] is x and entry[1] == x._version and entry[2] is mask
-                    and entry[3]._version == entry[4]):
-                self.hits += 1
-                return entry[3]
-            self.misses += 1
-            reads = self.state.step_reads
-            out = inner(x, *args, **kwargs)
-            if self.state.step_reads == reads and isinstance(out, torch.Tensor):
-                self.entries[key] = (x, x._version, mask, out, out._version)
-            else:
-                self.entries.pop(key, None)
-            return out
-
-        module._call_impl = cached_call
+    def wrapping(self, parent: nn.Module, name: str):
+        """`parent.<name>` replaced by a `CachedTextModule` around it (`set_submodule`) while the body runs; the very
+        same module object is put back on exit, whatever happens."""
+        inner = parent.get_submodule(name)
+        parent.set_submodule(name, CachedTextModule(inner, self))
         try:
             yield self
         finally:
-            if own is not None:
-                module._call_impl = own
-            else:
-                del module._call_impl
+            parent.set_submodule(name, inner)
             self.entries.clear()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from krea_sweeps.interventions import Intervention, InterventionContext, applied
 from krea_sweeps.models import TextPath
 from krea_sweeps.prompts import encode
-from krea_sweeps.sampler import STATE, Sampler, TextPathCache, generate, generate_many, trim_padding
+from krea_sweeps.sampler import DenoiseState, Sampler, TextPathCache, generate, generate_many, trim_padding
 
 ATOL = 1e-4
 SEQ = 64  # short padding keeps the eager reference quick; trimming still drops most of it
@@ -67,13 +67,13 @@ def _fast(eager: Sampler, **levers) -> Sampler:
 def _intervened(pipe, interventions, steps):
     ctx = InterventionContext(text_path=TextPath.of(pipe.transformer), num_steps=steps)
     with applied(interventions, ctx):
-        yield
+        yield ctx.state
 
 
 @contextmanager
-def _count_calls(module):
+def _count_calls(module, state):
     calls = []
-    handle = module.register_forward_hook(lambda m, a, o: calls.append((STATE.branch, STATE._step)))
+    handle = module.register_forward_hook(lambda m, a, o: calls.append((state.branch, state.step)))
     try:
         yield calls
     finally:
@@ -101,10 +101,10 @@ def test_fast_path_equals_eager_with_a_gated_intervention(raw, steps_window):
     pipe, cond, neg, eager = _setup(raw)
     stock = generate(pipe, eager, cond, neg, seed=1)
     solo = ProjectorOneHot(apply_to="cond", steps=steps_window)
-    with _intervened(pipe, [solo], eager.steps):
-        ref = generate(pipe, eager, cond, neg, seed=1)
-        fast = generate(pipe, _fast(eager), cond, neg, seed=1)  # step_dependent left False: detected by itself
-        flagged = generate(pipe, _fast(eager), cond, neg, seed=1, step_dependent=True)
+    with _intervened(pipe, [solo], eager.steps) as state:
+        ref = generate(pipe, eager, cond, neg, seed=1, state=state)
+        fast = generate(pipe, _fast(eager), cond, neg, seed=1, state=state)  # the window is declared: no caching
+        flagged = generate(pipe, _fast(eager), cond, neg, seed=1, state=state, step_dependent=True)
     assert _max_diff(ref, stock) > 1e-2  # the intervention does something
     assert _max_diff(fast, ref) < ATOL
     assert np.array_equal(fast, flagged)
@@ -123,12 +123,13 @@ def test_batched_seeds_equal_one_call_per_seed(turbo):
 @pytest.mark.parametrize("variant, per_image", [("turbo", 1), ("raw", 2)])  # once per image and CFG branch
 def test_text_path_runs_once_per_image_when_cached(variant, per_image, request):
     pipe, cond, neg, eager = _setup(request.getfixturevalue(variant), steps=4)
-    with _count_calls(pipe.transformer.text_fusion.projector) as eager_calls:
-        generate(pipe, eager, cond, neg, seed=0)
-    with _count_calls(pipe.transformer.text_fusion.projector) as fast_calls:
-        generate_many(pipe, _fast(eager), cond, neg, [0, 1])
-    with _count_calls(pipe.transformer.text_fusion.projector) as batch_calls:
-        generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [0, 1])
+    state = DenoiseState()
+    with _count_calls(pipe.transformer.text_fusion.projector, state) as eager_calls:
+        generate(pipe, eager, cond, neg, seed=0, state=state)
+    with _count_calls(pipe.transformer.text_fusion.projector, state) as fast_calls:
+        generate_many(pipe, _fast(eager), cond, neg, [0, 1], state=state)
+    with _count_calls(pipe.transformer.text_fusion.projector, state) as batch_calls:
+        generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [0, 1], state=state)
     assert len(eager_calls) == 4 * per_image
     assert len(fast_calls) == 2 * per_image and {s for _, s in fast_calls} == {0}
     assert len(batch_calls) == per_image
@@ -136,11 +137,11 @@ def test_text_path_runs_once_per_image_when_cached(variant, per_image, request):
 
 def test_a_step_window_bypasses_the_cache(raw):
     pipe, cond, neg, eager = _setup(raw, steps=4)
-    with _intervened(pipe, [ProjectorOneHot(apply_to="cond", steps=[1, 2])], eager.steps):
-        with _count_calls(pipe.transformer.text_fusion.projector) as calls:
-            generate(pipe, _fast(eager), cond, neg, seed=0)
+    with _intervened(pipe, [ProjectorOneHot(apply_to="cond", steps=[1, 2])], eager.steps) as state:
+        with _count_calls(pipe.transformer.text_fusion.projector, state) as calls:
+            generate(pipe, _fast(eager), cond, neg, seed=0, state=state)
     cond_calls = [s for b, s in calls if b == "cond"]
-    assert cond_calls == [0, 1, 2, 3]  # the step-reading branch recomputed every step
+    assert cond_calls == [0, 1, 2, 3]  # the branch with a declared step window recomputed every step
     assert [s for b, s in calls if b == "uncond"] == [0]  # the untouched branch still cached
 
 
@@ -151,6 +152,9 @@ def test_fast_path_leaves_no_hooks_behind(raw):
     generate(pipe, _fast(eager), cond, neg, seed=0)
     after = (len(pipe.transformer._forward_pre_hooks), len(tf._forward_pre_hooks), len(tf._forward_hooks))
     assert before == after
+    assert pipe.transformer.text_fusion is tf and pipe.transformer.get_submodule("txt_in") is pipe.transformer.txt_in
+    assert not any(type(m).__name__ == "CachedTextModule" for m in pipe.transformer.modules())
+    assert "encode_prompt" not in pipe.__dict__  # the pipeline's own method again
     assert "forward" not in tf.__dict__ and "forward" not in pipe.transformer.txt_in.__dict__
     assert "_call_impl" not in tf.__dict__ and "_call_impl" not in pipe.transformer.txt_in.__dict__
 
@@ -167,16 +171,18 @@ def test_text_path_cache_drops_an_entry_edited_in_place():
     consumer edits in place afterwards is not reused."""
     lin = torch.nn.Linear(2, 2)
     lin.register_forward_hook(lambda m, a, o: o.add_(1.0))
+    parent = torch.nn.Sequential(lin)
     x = torch.ones(1, 2)
     with torch.no_grad():
         eager = lin(x)
-        with TextPathCache().wrapping(lin) as cache:
-            first = lin(x)
-            second = lin(x)
+        with TextPathCache().wrapping(parent, "0") as cache:
+            first = parent(x)
+            second = parent(x)
             assert second is first and torch.equal(first, eager) and cache.hits == 1
             second.mul_(0.0)  # the consumer edits the cached tensor in place
-            third = lin(x)
+            third = parent(x)
     assert torch.equal(third, eager) and cache.misses == 2
+    assert parent[0] is lin  # the very module put back
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -221,9 +227,9 @@ def test_fast_path_equals_eager_with_real_interventions(raw, name):
                               encode=lambda ps: encode(raw.tokenizer, raw.text_encoder, ps, SEQ, layers))
     stock = generate(pipe, eager, cond, neg, seed=1)
     with applied([_real_interventions()[name]()], ctx):
-        ref = generate_many(pipe, eager, cond, neg, [1, 2])
-        trimmed = generate_many(pipe, _fast(eager), cond, neg, [1, 2])
-        batched = generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [1, 2])
+        ref = generate_many(pipe, eager, cond, neg, [1, 2], state=ctx.state)
+        trimmed = generate_many(pipe, _fast(eager), cond, neg, [1, 2], state=ctx.state)
+        batched = generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [1, 2], state=ctx.state)
     assert _max_diff(ref[0], stock) > 1e-2  # the intervention does something
     for fast in (trimmed, batched):
         assert len(fast) == 2 and all(_max_diff(f, r) < ATOL for f, r in zip(fast, ref)), name
@@ -256,10 +262,10 @@ def test_a_taps_pre_hook_keeps_the_text_path_once_per_image_and_branch(raw):
     CFG, so two branches per image)."""
     pipe, cond, neg, eager = _setup(raw, steps=3)
     stock = generate(pipe, eager, cond, neg, seed=0)
-    with _intervened(pipe, [TapsEditStandIn(apply_to="both")], eager.steps):
-        ref = generate(pipe, eager, cond, neg, seed=0)
-        with _count_calls(pipe.transformer.text_fusion.projector) as calls:
-            fast = generate_many(pipe, _fast(eager), cond, neg, [0, 1])
+    with _intervened(pipe, [TapsEditStandIn(apply_to="both")], eager.steps) as state:
+        ref = generate(pipe, eager, cond, neg, seed=0, state=state)
+        with _count_calls(pipe.transformer.text_fusion.projector, state) as calls:
+            fast = generate_many(pipe, _fast(eager), cond, neg, [0, 1], state=state)
     assert _max_diff(ref, stock) > 1e-2  # the stand-in does something
     assert sorted(calls) == [("cond", 0), ("cond", 0), ("uncond", 0), ("uncond", 0)]  # 2 images × 2 branches
     assert _max_diff(fast[0], ref) < ATOL
@@ -284,3 +290,62 @@ def test_eager_call_on_compiled_blocks_warns_and_says_so(turbo, caplog):
         torch._dynamo.reset()
     assert "compiled earlier in this process" in caplog.text
     assert not blocks_compiled(pipe.transformer)
+
+
+# ------------------------------------------------------------------------------------------------ declared step use
+@dataclass
+class PerCallDrift(Intervention):
+    """Test-local stateful edit that changes on every call without a step window: adds `0.5 · calls` to the fused
+    features. It varies per call, so it must declare `depends_on_step` or the cache would freeze its first output."""
+
+    declared: bool = True
+    kind: ClassVar[str] = "test_per_call_drift"
+
+    @property
+    def depends_on_step(self) -> bool:
+        return self.declared
+
+    @contextmanager
+    def attach(self, ctx: InterventionContext):
+        calls = [0]
+
+        def hook(module, args, output):
+            if not self.active(ctx.state):
+                return None
+            calls[0] += 1
+            return output + 0.5 * calls[0]
+
+        handle = ctx.text_path.text_fusion.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def test_a_declared_per_call_edit_is_not_frozen_by_the_cache(turbo):
+    """Fresh attach per generation (its counter restarts): declared ⇒ the fast path equals the eager path; the same
+    edit undeclared is frozen at its first call — the declaration, not a guess, is what turns the cache off."""
+    pipe, cond, neg, eager = _setup(turbo, steps=3)
+    stock = generate(pipe, eager, cond, neg, seed=0)
+    runs = {}
+    for label, sampler, declared in [("eager", eager, True), ("fast", _fast(eager), True),
+                                     ("fast_undeclared", _fast(eager), False)]:
+        with _intervened(pipe, [PerCallDrift(declared=declared)], eager.steps) as state:
+            runs[label] = generate(pipe, sampler, cond, neg, seed=0, state=state)
+    assert _max_diff(runs["eager"], stock) > 1e-2
+    assert _max_diff(runs["fast"], runs["eager"]) < ATOL
+    assert _max_diff(runs["fast_undeclared"], runs["eager"]) > 1e-3  # frozen: what declaring prevents
+
+
+def test_identity_through_the_cache_is_bit_identical(raw):
+    """The cache wrapper changes nothing: with an identity edit attached (a step window too, so the cache is off for
+    the cond branch only), cached and uncached fast images are bit-identical, and equal the stock fast image."""
+    from krea_sweeps.interventions import TapScale
+
+    pipe, cond, neg, eager = _setup(raw, steps=2)
+    stock = generate(pipe, _fast(eager), cond, neg, seed=2)
+    for steps in (None, [1, 2]):
+        with _intervened(pipe, [TapScale(gains=[1.0] * 12, steps=steps)], eager.steps) as state:
+            cached = generate(pipe, _fast(eager), cond, neg, seed=2, state=state)
+            uncached = generate(pipe, _fast(eager, cache_text_path=False), cond, neg, seed=2, state=state)
+        assert np.array_equal(cached, uncached) and np.array_equal(cached, stock), steps

@@ -421,15 +421,15 @@ def test_steps_and_branch_gating_read_the_state_at_call_time(turbo):
 
 def record_text_fusion(model, pipe, sampler, cond, neg, intervention=None):
     """Generate once, recording (branch, step, text_fusion output) for every transformer call."""
-    from krea_sweeps.sampler import STATE, generate
+    from krea_sweeps.sampler import generate
 
     calls = []
+    ctx = InterventionContext(text_path=model.text_path, num_steps=sampler.steps)
     handle = model.transformer.text_fusion.register_forward_hook(
-        lambda m, a, out: calls.append((STATE.branch, STATE.step, out.detach().clone())))
+        lambda m, a, out: calls.append((ctx.state.branch, ctx.state.step, out.detach().clone())))
     try:
-        ctx = InterventionContext(text_path=model.text_path, num_steps=sampler.steps)
         with applied([intervention] if intervention else [], ctx):
-            image = generate(pipe, sampler, cond, neg, seed=0)
+            image = generate(pipe, sampler, cond, neg, seed=0, state=ctx.state)
     finally:
         handle.remove()
     return calls, image

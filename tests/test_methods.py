@@ -39,8 +39,9 @@ def images(model, prompt, seeds=(0,), interventions=(), fast=True, **kw):
     pipe = model.pipeline()
     sampler = Sampler(steps=2, max_sequence_length=MSL, fast=fast, **kw).resolved(model.variant)
     cond, neg = enc(model, [prompt]), enc(model, [""])
-    with applied(list(interventions), context(model, [prompt])):
-        return generate_many(pipe, sampler, cond, neg, list(seeds))
+    ctx = context(model, [prompt])
+    with applied(list(interventions), ctx):
+        return generate_many(pipe, sampler, cond, neg, list(seeds), state=ctx.state)
 
 
 # ------------------------------------------------------------------------------------------------------------ lens

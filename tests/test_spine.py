@@ -80,18 +80,66 @@ def test_generation_equals_krea2pipeline_with_prompt_bitwise(variant, request):
 
 
 def test_denoise_state_tracks_branch_and_step_under_cfg(raw):
-    from krea_sweeps.sampler import STATE, Sampler, generate
+    """Branch and step come from what the pipeline passes: at every transformer call the state's step is the
+    scheduler's index of the timestep being run, and the branch is the embeddings object's — with the positive and
+    negative prompts given as one and the same tensor (identity, not content, tells them apart)."""
+    from krea_sweeps.sampler import DenoiseState, Sampler, generate
 
     pipe = raw.pipeline()
+    state = DenoiseState()
     seen = []
-    handle = pipe.transformer.text_fusion.register_forward_pre_hook(lambda m, a: seen.append((STATE.branch, STATE.step)))
+
+    def record(module, args):
+        seen.append((state.branch, state.step, pipe.scheduler.index_for_timestep(pipe.current_timestep)))
+
+    handle = pipe.transformer.text_fusion.register_forward_pre_hook(record)
     try:
         layers = tuple(raw.variant.select_layers)
         cond = encode(raw.tokenizer, raw.text_encoder, ["x"], 16, layers)
-        generate(pipe, Sampler(steps=2, max_sequence_length=16).resolved(raw.variant), cond, cond, seed=0)
+        generate(pipe, Sampler(steps=3, max_sequence_length=16).resolved(raw.variant), cond, cond, seed=0, state=state)
     finally:
         handle.remove()
-    assert seen == [("cond", 0), ("uncond", 0), ("cond", 1), ("uncond", 1)]
+    assert [(b, s) for b, s, _ in seen] == [("cond", 0), ("uncond", 0), ("cond", 1), ("uncond", 1), ("cond", 2),
+                                            ("uncond", 2)]
+    assert all(s == index for _, s, index in seen)
+    assert (state.branch, state.step, state.seeds) == ("cond", 0, [])  # unbound after the call
+
+
+def test_denoise_state_branch_is_the_embeddings_object_not_the_call_order(raw):
+    """A transformer called negative first (and twice in a row) still gets the right branch; embeddings that are
+    neither object the pipeline prepared (e.g. both halves batched, as a batched-CFG release would) raise."""
+    import torch
+
+    from krea_sweeps.sampler import DenoiseState
+
+    pipe = raw.pipeline()
+    layers = tuple(raw.variant.select_layers)
+    pos = encode(raw.tokenizer, raw.text_encoder, ["a red fox"], 16, layers)
+    neg = encode(raw.tokenizer, raw.text_encoder, [""], 16, layers)
+    state = DenoiseState()
+    seen = []
+    handle = pipe.transformer.text_fusion.register_forward_pre_hook(lambda m, a: seen.append(state.branch))
+    transformer = pipe.transformer
+    image = torch.zeros(1, 16, transformer.config.in_channels)
+    ids = torch.zeros(16 + 16, 3)
+
+    def call(embeds, mask):
+        transformer(hidden_states=image, encoder_hidden_states=embeds, timestep=torch.ones(1), position_ids=ids,
+                    encoder_attention_mask=mask, return_dict=False)
+
+    try:
+        with torch.no_grad(), state.following(pipe, pos.taps, neg.taps, [0]) as (_, positive, negative):
+            n_embeds, n_mask = pipe.encode_prompt(None, prompt_embeds=negative, prompt_embeds_mask=neg.mask)
+            p_embeds, p_mask = pipe.encode_prompt(None, prompt_embeds=positive, prompt_embeds_mask=pos.mask)
+            call(n_embeds, n_mask)
+            call(n_embeds, n_mask)
+            call(p_embeds, p_mask)
+            with pytest.raises(RuntimeError, match="cannot tell the CFG branch"):
+                call(torch.cat([p_embeds, n_embeds]), torch.cat([p_mask, n_mask]))
+    finally:
+        handle.remove()
+    assert seen == ["uncond", "uncond", "cond"]
+    assert "encode_prompt" not in pipe.__dict__
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
 from ..errors import ConfigError, require
-from ..sampler import STATE, DenoiseState
+from ..sampler import DenoiseState
 
 
 @dataclass
@@ -22,7 +22,9 @@ class InterventionContext:
     text_path: Any = None
     encode: Callable[[list[str]], Any] | None = None
     num_steps: int | None = None
-    state: DenoiseState = field(default_factory=lambda: STATE)
+    # Where generation is (branch, step): pass the same object to `generate(..., state=ctx.state)`, which binds it
+    # to each pipeline call. A fresh one reads cond / step 0, as conditioning-only runs should.
+    state: DenoiseState = field(default_factory=DenoiseState)
     guidance: float | None = None
     text_dim: int | None = None
     # The projector's edit chain per module (the job's session's): edits attached through this context compose.
@@ -79,6 +81,13 @@ class Intervention:
     def is_identity(self) -> bool:
         return False
 
+    @property
+    def depends_on_step(self) -> bool:
+        """Whether this edit's output varies with the denoising step: declared, never inferred. True for anything
+        with a step window; a subclass whose edit changes per call in another way must return True too, or the
+        text-path cache (`sampler.fast`) reuses its first step's output for the whole image."""
+        return self.steps is not None
+
     @contextmanager
     def attach(self, ctx: InterventionContext) -> Iterator[None]:
         yield
@@ -134,6 +143,7 @@ def applied(interventions: list[Intervention], ctx: InterventionContext) -> Iter
     with ExitStack() as stack:
         for intervention in interventions:
             with keyed(intervention.config_key):
+                stack.enter_context(ctx.state.declaring(intervention.depends_on_step, intervention.apply_to))
                 stack.enter_context(intervention.attach(ctx))
         yield
 

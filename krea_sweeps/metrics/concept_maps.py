@@ -164,13 +164,11 @@ class ConceptMaps(Metric):
 
     @contextmanager
     def recording(self, ctx, kind: str, p: int, seeds: list[int]) -> Iterator[None]:
-        from ..sampler import STATE
-
         transformer = ctx.model.transformer
         blocks = checked_blocks(transformer, self.blocks, "metrics.concept_maps.blocks")
         h, w = latent_grid(ctx.job.sampler)
         n_img = h * w
-        sink = MapSink(STATE, self.blocks, self.steps, n_img, ctx.job.sampler.steps, seeds, chunk=1)
+        sink = MapSink(ctx.denoise, self.blocks, self.steps, n_img, ctx.job.sampler.steps, seeds, chunk=1)
         tokens = self.concept_tokens(ctx)
         seen = [dict() for _ in blocks]
         stream = {"c": None}
@@ -181,7 +179,7 @@ class ConceptMaps(Metric):
 
         def after_block(index):
             def hook(module, args, output):
-                if STATE.branch != "cond":
+                if ctx.denoise.branch != "cond":
                     return None
                 temb = args[1]
                 with torch.no_grad():
@@ -194,8 +192,7 @@ class ConceptMaps(Metric):
         with ExitStack() as stack:
             stack.enter_context(swapped_processors([b.attn for b in blocks],
                                                    lambda old, i: CapturingProcessor(old, seen[i])))
-            handles = [transformer.register_forward_pre_hook(start, with_kwargs=True),
-                       transformer.register_forward_hook(sink.count_call)]
+            handles = [transformer.register_forward_pre_hook(start, with_kwargs=True)]
             handles += [b.register_forward_hook(after_block(i)) for i, b in enumerate(blocks)]
             for handle in handles:
                 stack.callback(handle.remove)

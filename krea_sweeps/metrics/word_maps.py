@@ -133,13 +133,13 @@ def swapped_processors(modules: list, make) -> Iterator[None]:
 
 
 class MapSink:
-    """Accumulates per-seed sums of the recorded maps for one prompt's generation (cond branch, chosen steps)."""
+    """Accumulates per-seed sums of the recorded maps for one prompt's generation (cond branch, chosen steps); the
+    job's `DenoiseState` says the branch, the step and which seeds the current pipeline call holds."""
 
     def __init__(self, state, blocks: list[int] | None, steps: list[int] | None, image_tokens: int, num_steps: int,
                  seeds: list[int], chunk: int):
         self.state, self.blocks, self.steps = state, blocks, steps
         self.image_tokens, self.num_steps, self.seeds, self.chunk = image_tokens, num_steps, seeds, chunk
-        self.cond_calls = 0  # finished conditional transformer calls (to tell which seeds a batch holds)
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
 
@@ -151,15 +151,12 @@ class MapSink:
         return self.steps is None or self.state.step in self.steps
 
     def add(self, maps: torch.Tensor) -> None:
-        first = (self.cond_calls // self.num_steps) * maps.shape[0]  # batched seeds: one call; else one per seed
-        for b in range(maps.shape[0]):
-            seed = self.seeds[first + b]
+        seeds = self.state.seeds  # the pipeline call's images, in batch order
+        require(len(seeds) == maps.shape[0], "sampler", f"recorded maps for {maps.shape[0]} images in a pipeline "
+                f"call of {len(seeds)} seeds", "report this: generate with state=ctx.denoise")
+        for b, seed in enumerate(seeds):
             self.sums[seed] = self.sums.get(seed, 0) + maps[b].double().cpu()
             self.counts[seed] = self.counts.get(seed, 0) + 1
-
-    def count_call(self, module, args, output) -> None:
-        if self.state.branch == "cond":
-            self.cond_calls += 1
 
     def means(self) -> dict[int, torch.Tensor]:
         return {s: (self.sums[s] / self.counts[s]).float() for s in self.sums}
@@ -303,17 +300,13 @@ class WordMaps(Metric):
     # ---- recording
     @contextmanager
     def recording(self, ctx, kind: str, p: int, seeds: list[int]) -> Iterator[None]:
-        from ..sampler import STATE
-
         transformer = ctx.model.transformer
         blocks = checked_blocks(transformer, self.blocks, "metrics.word_maps.blocks")
         h, w = latent_grid(ctx.job.sampler)
-        sink = MapSink(STATE, self.blocks, self.steps, h * w, ctx.job.sampler.steps, seeds, self.chunk)
+        sink = MapSink(ctx.denoise, self.blocks, self.steps, h * w, ctx.job.sampler.steps, seeds, self.chunk)
         with ExitStack() as stack:
             stack.enter_context(swapped_processors([b.attn for b in blocks],
                                                    lambda old, i: TextAttentionProcessor(old, sink, i)))
-            handle = transformer.register_forward_hook(sink.count_call)
-            stack.callback(handle.remove)
             yield
         store = ctx.cache.setdefault((self.name, kind), {})
         mask = ctx.encoded.mask[p]
