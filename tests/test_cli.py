@@ -4,11 +4,11 @@ gets one line with "did you mean …"."""
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, compose, run_cli
+from conftest import REPO, compose, run_cli, run_in_process
 
 
 def test_help_lists_groups_without_internal_options_presets_and_examples(tmp_path):
-    result = run_cli(["--help"], tmp_path)
+    result = run_in_process(["--help"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
     assert "powered by Hydra" not in text and "_variant" not in text
@@ -67,6 +67,7 @@ def test_misspelt_fields_and_values_get_did_you_mean_at_planning(overrides, key,
 
 
 def test_a_misspelt_sweep_axis_gets_did_you_mean(tmp_path):
+    """A real process: exit code 2 and one line on stderr, with whatever the interpreter and libraries print."""
     result = run_cli(["-m", "intervention=solo", "intervention.slott=3,4", "wandb.mode=disabled"], tmp_path)
     assert result.returncode == 2
     assert "did you mean 'intervention.slot'?" in result.stderr and len(result.stderr.strip().splitlines()) == 1

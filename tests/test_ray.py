@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the Ray launcher is the `ray` extra (in `test`)")
 
 
-def test_ray_preset_runs_six_jobs_on_two_workers_each_loading_the_model_once(cli):
+def test_ray_preset_runs_six_jobs_on_two_workers_each_loading_the_model_once(cli_process):
+    cli = cli_process  # a real process: Ray starts its workers from it
     out = cli("-m", "hydra/launcher=ray", "hydra.launcher.ray.remote.num_gpus=0", "+hydra.launcher.ray.init.num_cpus=2",
               "seeds=0,1,2,3,4,5", "wandb.mode=disabled", "name=ray", timeout=600,
               env={"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"})

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, compose
+from conftest import REPO, compose, run_in_process
 
 from wandb_offline import read_run
 
@@ -144,8 +144,13 @@ FAKE_KEY = "f" * 40
 SMALL = ["prompts.prompts=[A red fox.]", "sampler.steps=1", "sampler.max_sequence_length=16", "metrics=[image_stats]"]
 
 
-def _run(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600, **popen):
-    """`python run.py ARGS` with exactly the W&B environment given (no key unless `env` has one)."""
+def _run(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600, process: bool = False, **popen):
+    """`python run.py ARGS` with exactly the W&B environment given (no key unless `env` has one): in this process
+    (conftest.run_in_process), or as a real process when the test is about the process (`process=True`, or Popen
+    options)."""
+    if not (process or popen):
+        unset = {k: None for k in os.environ if k.startswith("WANDB_")}
+        return run_in_process(args, cwd, env={**unset, "HOME": str(cwd), **(env or {})})
     full = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     full.update({"KREA_SWEEPS_PROGRESS": "0", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO), **(env or {})})
     full["HOME"] = str(cwd)  # no ~/.netrc key from the machine running the tests
@@ -169,9 +174,10 @@ def test_a_key_without_a_reachable_server_costs_seconds_and_logs_offline_in_one_
                    "with a long lens and soft light in muted colours with high detail]")
     args = ["-m", "seeds=0,1", *SMALL, long_prompt]  # a long fixed override must not push the swept value out
     t0 = time.perf_counter()
-    plain = _run(args, tmp_path / "nokey")
+    plain = _run(args, tmp_path / "nokey", process=True)
     t1 = time.perf_counter()
-    keyed = _run(args, tmp_path / "key", env={"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    keyed = _run(args, tmp_path / "key", env={"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": "http://127.0.0.1:9"},
+                 process=True)
     t2 = time.perf_counter()
     assert plain.returncode == 0 and keyed.returncode == 0, keyed.stderr[-3000:]
     assert (t2 - t1) - (t1 - t0) < 15, (t1 - t0, t2 - t1)
@@ -428,7 +434,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_each_bad_input_is_one_line_naming_its_key_and_writes_nothing(tmp_path, case):
+def test_each_bad_input_is_one_line_naming_its_key_and_writes_nothing(tmp_path, monkeypatch, case):
     args, key = BAD_INPUTS[case]
     (tmp_path / "a_folder").mkdir()
     (tmp_path / "lora.safetensors").write_bytes(b"not used")
@@ -442,10 +448,17 @@ def test_each_bad_input_is_one_line_naming_its_key_and_writes_nothing(tmp_path, 
         args = [a for a in args if a != "SINGLE_FILE"] + _synthetic_single_file_args()
     args = [a.replace("TMP", str(tmp_path)) for a in args]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    if args[0] == "EXPORT":
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-        r = subprocess.run([sys.executable, "-m", "krea_sweeps.export", *args[1:]], cwd=tmp_path, text=True,
-                           capture_output=True, env={**env, "PYTHONPATH": str(REPO)}, timeout=300)
+    if args[0] == "EXPORT":  # krea-export's entry point, in this process
+        import contextlib
+        import io
+
+        from krea_sweeps.export import main as export_main
+
+        out, err = io.StringIO(), io.StringIO()
+        monkeypatch.chdir(tmp_path)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = export_main(args[1:])
+        r = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     else:
         r = _run(args, tmp_path)
     lines = r.stderr.strip().splitlines()

@@ -244,9 +244,11 @@ def test_empty_prompt_file_and_non_krea_checkpoint_are_rejected(cli, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def test_default_run_writes_result_images_and_an_offline_wandb_run(cli):
+def test_default_run_writes_result_images_and_an_offline_wandb_run(cli_process):
+    """The README's `python run.py`, as a real process: everything is on disk and logged before its fast exit."""
     from wandb_offline import offline_runs, read_run
 
+    cli = cli_process
     result = cli()
     assert result.returncode == 0, result.stderr[-2000:]
     job = cli.cwd / "outputs" / "default" / "stock"
