@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +100,19 @@ def test_files_round_trip_and_figures(sweep):
     assert figures == {"metric_vs_intervention.slot.png", "per_slot.png", "attention_grid.png", "contact_sheet.png"}
 
 
-def test_cli_prints_a_summary_and_rejects_a_job_folder(sweep):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "krea_sweeps.collect", *map(str, a)], capture_output=True,
-                                    text=True, cwd=REPO)
+def test_cli_prints_a_summary_and_rejects_a_job_folder(sweep, monkeypatch):
+    import contextlib
+    import io
+
+    from krea_sweeps.collect import main
+
+    def run(*args):  # krea-collect's entry point, in this process
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+        return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+    monkeypatch.chdir(REPO)
     ok = run(sweep, "--no-figures")
     assert ok.returncode == 0, ok.stderr
     assert "4 jobs — 2 done, 1 failed, 1 incomplete; 16 rows" in ok.stdout
@@ -131,16 +140,22 @@ def test_wandb_summary_run_in_the_sweeps_group(sweep, monkeypatch):
     assert any(k.startswith("results") for k in run["history_keys"]) and run["exit_code"] == 0
 
 
-def test_slot_labels_come_from_the_model_definition():
-    """collect labels slots with the package's own layer list, not a private copy that could drift from it."""
+def test_slot_labels_come_from_the_model_definition(sweep, monkeypatch):
+    """collect labels each slot's bar with the encoder layer the model variant reads into that slot (the package's
+    own layer list, not a private copy that could drift from it)."""
     from krea_sweeps import collect as collect_module
-    from krea_sweeps.interventions.sites import NUM_SLOTS
-    from krea_sweeps.synthetic import SELECT_LAYERS
+    from krea_sweeps.models import ModelVariant
 
-    import inspect
+    ticks, real_save = {}, collect_module.save_figure
 
-    assert collect_module.SELECT_LAYERS is SELECT_LAYERS and collect_module.NUM_SLOTS == NUM_SLOTS
-    assert "NUM_SLOTS =" not in inspect.getsource(collect_module)  # an int `is` itself anyway: no re-declaration
+    def spy(fig, path, *args, **kw):  # the real save, after reading what the figure says
+        ticks[Path(path).name] = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        return real_save(fig, path, *args, **kw)
+
+    monkeypatch.setattr(collect_module, "save_figure", spy)
+    collect(sweep, quiet=True)
+    layers = ModelVariant(name="turbo").select_layers
+    assert ticks["per_slot.png"] == [f"L{layers[s]}" for s in (0, 1, 2)] == ["L2", "L5", "L8"]  # slots 0, 1, 2
 
 
 def test_headline_metrics_are_plotted_first_whatever_their_name():

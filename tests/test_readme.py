@@ -114,9 +114,24 @@ def _anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_readme_preset_table_lists_every_preset():
-    """A newcomer sees every preset: each conf/experiment/<name>.yaml has a row in the README's table."""
-    text = README.read_text()
-    rows = set(re.findall(r"^\| `([a-z0-9_]+)` \|", text, flags=re.M))
-    presets = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
-    assert presets <= rows, f"add a row to the README's preset table for: {sorted(presets - rows)}"
+def test_readme_preset_table_has_every_preset_with_the_jobs_it_runs():
+    """Each conf/experiment/<name>.yaml has a row in the README's table, and the row's job count is what the preset's
+    sweep axes expand to (composed with Hydra, as `python run.py -m +experiment=NAME` would)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from krea_sweeps.plan import register_resolvers
+
+    register_resolvers()
+    rows = dict(re.findall(r"^\| `([a-z0-9_]+)` \| (\d+)\b", README.read_text(), flags=re.M))
+    presets = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    assert set(presets) <= set(rows), f"add a row to the README's preset table for: {sorted(set(presets) - set(rows))}"
+    parser = OverridesParser.create()
+    for name in presets:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", [f"+experiment={name}"], return_hydra_config=True)
+        axes = parser.parse_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
+        jobs = 1
+        for axis in axes:
+            jobs *= len(list(axis.sweep_string_iterator())) if axis.is_sweep_override() else 1
+        assert int(rows[name]) == jobs, f"README says {name} runs {rows[name]} jobs; its sweep axes give {jobs}"
