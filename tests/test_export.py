@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 import sys
 
 import pytest
@@ -138,8 +137,14 @@ def test_export_reads_diffusers_names_and_rejects_non_krea(tmp_path):
     assert len(list((tmp_path / "y").rglob("*.safetensors"))) == 2
 
 
-def test_module_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "krea_sweeps.export", "--checkpoint", synthetic_checkpoint("raw"),
-                           "--out", str(tmp_path), "--rebalance", "none", "--no-solo"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+def test_module_entry_point(tmp_path, monkeypatch):
+    """`python -m krea_sweeps.export …`: the module's `__main__` block, run here with that argv (runpy, as -m does)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["krea_sweeps.export", "--checkpoint", synthetic_checkpoint("raw"),
+                                      "--out", str(tmp_path), "--rebalance", "none", "--no-solo"])
+    monkeypatch.delitem(sys.modules, "krea_sweeps.export")  # as in a new process: not imported before it runs
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("krea_sweeps.export", run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 0
     assert [p.name for p in tmp_path.rglob("*.safetensors")] == [ORIGINAL_FILE]

@@ -25,7 +25,7 @@ def arrays(job_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_batched_sweep_equals_one_job_per_config(tmp_path):
-    from conftest import run_cli
+    from conftest import run_in_process as run_cli
     from wandb_offline import offline_runs, read_run
 
     (tmp_path / "one").mkdir()
@@ -81,7 +81,7 @@ def test_batched_sweep_equals_one_job_per_config(tmp_path):
 
 
 def test_batch_axes_fall_back_for_generation_and_reject_other_keys(tmp_path):
-    from conftest import run_cli
+    from conftest import run_in_process as run_cli
 
     bad = run_cli(["-m", "seeds=0,1", "metrics=[projector]", "sweep.batch_axes=[seeds]"], tmp_path)
     assert bad.returncode == 2
