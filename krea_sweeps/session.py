@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .interventions.hooks import HookRegistry
 from .models import ModelCache
 from .tracking import ServerCheck
 
@@ -25,6 +26,7 @@ class Session:
     - `encodings`: the in-memory side of each folder's encode cache (the disk side is the folder);
     - `baselines`: stock images by key, and how many this process actually generated;
     - `projector_chains`: the projector's active edit chain per module (weak: it dies with the module);
+    - `hooks`: the named hooks attached now (`attached()` lists them: each intervention's (site, op));
     - `failed_jobs`: `name: error` per failed job, reported by `run.py` at exit;
     - `wandb_server`: whether the W&B server answered (probed once per process, not once per job);
     - `warned`: one-time warnings already given;
@@ -36,10 +38,15 @@ class Session:
     baselines: dict[str, Any] = field(default_factory=dict)
     baseline_generations: int = 0
     projector_chains: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    hooks: HookRegistry = field(default_factory=HookRegistry)
     failed_jobs: list[str] = field(default_factory=list)
     wandb_server: ServerCheck = field(default_factory=ServerCheck)
     warned: set[str] = field(default_factory=set)
     jobs_started: int = 0
+
+    def attached(self) -> list[str]:
+        """What is attached to the models at this moment, one name per (intervention, op, site[block])."""
+        return self.hooks.names()
 
     def process_record(self) -> dict:
         """Which process ran a job and what it had loaded by then: the evidence, in `result.json`, that a worker

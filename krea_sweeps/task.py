@@ -197,10 +197,17 @@ class JobContext:
         from .interventions import InterventionContext
 
         return InterventionContext(text_path=self.text_path, encode=self.encode, num_steps=self.job.sampler.steps,
-                                   state=self.denoise,
-                                   projector_chains=self.session.projector_chains,
+                                   state=self.denoise, projector_chains=self.session.projector_chains,
+                                   hooks=self.session.hooks,
                                    prompts=[*self.job.prompts, self.job.sampler.negative_prompt],
                                    encode_layers=self.encode)
+
+    def fit_interventions(self) -> list[dict]:
+        """The fit step, before anything runs: what the interventions learn from reference prompts (steer
+        directions, ablation means, patch sources), recorded in result.json as `fitted`."""
+        from .interventions import fit_all
+
+        return fit_all(self.job.interventions, self.intervention_context())
 
     @contextmanager
     def intervened(self):
@@ -260,6 +267,13 @@ def generate_images(ctx: JobContext, pipe, with_interventions: bool, keys: list[
     return out
 
 
+def fit_step(ctx: JobContext) -> None:
+    """The explicit fit before the run (skipped when every intervention is the identity: nothing to learn)."""
+    if any(not i.is_identity for i in ctx.job.interventions):
+        with ctx.timings.phase("fit"):
+            ctx.fit_interventions()
+
+
 def produce_images(ctx: JobContext) -> None:
     from .sampler import runs_compiled
 
@@ -289,6 +303,7 @@ def produce_images(ctx: JobContext) -> None:
     if job.is_stock:
         ctx.images = dict(ctx.baseline_images)
     else:
+        fit_step(ctx)  # after the load: references are computed on the very text modules the generation uses
         with ctx.timings.phase("generate"):
             ctx.images = generate_images(ctx, pipe, True, keys, f"{job.name[:40]}")
     for (p, s), image in ctx.images.items():
@@ -355,6 +370,7 @@ def execute(job: Job, session: Session) -> dict:
     if "text_path" in job.needs and not job.generates:
         with ctx.timings.phase("load"):
             ctx.model.text_path  # noqa: B018 - load the slice now so its time is booked as load
+        fit_step(ctx)
     if job.generates:
         produce_images(ctx)
     with ctx.timings.phase("metrics"), torch.no_grad():
@@ -377,7 +393,8 @@ def execute(job: Job, session: Session) -> dict:
         "compiled_blocks": ctx.compiled_blocks,
         "baseline_keys": ctx.baseline_keys,
         "_wandb_images": images,
-        "interventions": [i.describe() for i in job.interventions],  # after the run: includes what attach learned
+        "interventions": [i.describe() for i in job.interventions],  # the configuration, as planned
+        "fitted": [i.fitted() for i in job.interventions],  # what the fit step learned (numbers)
         "truncated_tokens": truncated,
         "encode_cache": {"hits": cache.hits - hits_before, "misses": cache.misses - misses_before},
     }
@@ -408,7 +425,7 @@ def measure(ctx: JobContext) -> tuple[dict, list[dict], dict]:
         for name, (figure, _caption) in out.images.items():  # heatmaps, bars: also on disk, not only in W&B
             save_png(job.job_dir / "figures" / f"{name.replace('/', '_')}.png", figure)
         images.update(out.images)
-    for intervention in job.interventions:  # what interventions learned while attached (steer consistency)
+    for intervention in job.interventions:  # what the fit step learned that belongs in the summary
         summary.update(intervention.report())
     return summary, rows, images
 

@@ -294,6 +294,8 @@ def test_ablate_noise_ignores_padding_and_batching(turbo, site):
 # ------------------------------------------------------------------------------------------------------------- steer
 def test_steer_direction_and_consistency_from_pairs(turbo):
     steer = Steer(pairs=PAIRS)
+    before = steer.describe()
+    assert steer.fitted() is None
     d = steer.direction(context(turbo))
     pooled = {}
     for side in (0, 1):
@@ -305,7 +307,8 @@ def test_steer_direction_and_consistency_from_pairs(turbo):
     cos = torch.nn.functional.cosine_similarity
     expected = np.mean([float(cos(deltas[i], deltas[j], dim=0)) for i, j in ((0, 1), (0, 2), (1, 2))])
     assert math.isclose(steer.consistency, expected, abs_tol=1e-5)
-    assert steer.describe()["consistency"] == steer.consistency
+    assert steer.fitted()["consistency"] == steer.consistency  # recorded by the fit step, not by describe()
+    assert steer.describe() == before
     assert steer.report() == {"steer/consistency": steer.consistency}
 
 

@@ -20,7 +20,8 @@ import torch
 
 from ..errors import require
 from .base import Intervention, InterventionContext
-from .sites import NUM_SLOTS, block_indices, hooked, layer_of, layerwise_attention, slot_indices
+from .hooks import Op
+from .sites import NUM_SLOTS, block_indices, hooked, layer_of, slot_indices
 
 
 def key_mask(keys_visible: list[bool], queries: list[int] | None = None) -> torch.Tensor:
@@ -34,11 +35,12 @@ def key_mask(keys_visible: list[bool], queries: list[int] | None = None) -> torc
 
 
 @contextmanager
-def masked_attention(intervention: Intervention, ctx: InterventionContext, blocks: list[int], mask: torch.Tensor,
-                     key: str) -> Iterator[None]:
-    """Inject `mask` into the given layerwise blocks' attention while `intervention` is active (ANDed with any mask
-    already there, so knockouts compose). Query rows left with no visible key by the mask actually used — which for
-    composed knockouts can be dead although neither mask alone is — get zero output, whatever the kernel."""
+def masked_attention(intervention: Intervention, ctx: InterventionContext, modules: list, mask: torch.Tensor
+                     ) -> Iterator[None]:
+    """Inject `mask` into the given attention modules while `intervention` is active (ANDed with any mask already
+    there, so knockouts compose). Query rows left with no visible key by the mask actually used — which for
+    composed knockouts can be dead although neither mask alone is — get zero output, whatever the kernel. (The
+    `fusion_attention` site's installer: `hooks.attach` calls this.)"""
     used = {}  # id(module) -> the combined mask this hook passed on in the current call
 
     def pre(module, args, kwargs):
@@ -63,11 +65,22 @@ def masked_attention(intervention: Intervention, ctx: InterventionContext, block
         return output.masked_fill(rows[..., None], 0.0)
 
     with ExitStack() as stack:
-        for b in blocks:
-            attn = layerwise_attention(ctx, b, key)
+        for attn in modules:
             stack.enter_context(hooked(attn, pre, pre=True, with_kwargs=True))
             stack.enter_context(hooked(attn, zero_dead))
         yield
+
+
+class KeyMask(Op):
+    """A fixed key mask for the layerwise attention (True = may attend)."""
+
+    name = "key_mask"
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def key_mask(self) -> torch.Tensor:
+        return self.mask
 
 
 @dataclass
@@ -100,13 +113,12 @@ class Knockout(Intervention):
     def mask(self) -> torch.Tensor:
         return key_mask([k not in self.keys for k in range(NUM_SLOTS)], self.queries)
 
-    @contextmanager
-    def attach(self, ctx: InterventionContext) -> Iterator[None]:
-        if self.is_identity:
-            yield
-            return
-        with masked_attention(self, ctx, self.blocks, self.mask, "intervention.blocks"):
-            yield
+    @property
+    def placement(self) -> tuple[str, list[int]]:
+        return "fusion_attention", self.blocks
+
+    def make_op(self) -> Op:
+        return KeyMask(self.mask)
 
     def describe(self) -> dict:
         out = super().describe()

@@ -1,4 +1,8 @@
-"""The intervention protocol: validate early, attach as a context manager, describe for logs and W&B."""
+"""The intervention protocol: an intervention is (site, op, gates) — validate early, `fit` what it learns from
+reference prompts before the run, attach as a context manager (the generic `hooks.attach`), describe for logs and W&B.
+
+`describe()` is the configuration only, so it is the same before and after a run; what `fit` learned is recorded
+separately (`fitted()`, numbers only, and `report()` for the job's summary)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 from ..errors import ConfigError, require
 from ..sampler import DenoiseState
+from .hooks import HookRegistry, Op, attach, check_accepts
 
 
 @dataclass
@@ -33,11 +38,16 @@ class InterventionContext:
     # to encode other encoder layers of them: what the lens and patch interventions look their rows up in.
     prompts: list[str] | None = None
     encode_layers: Callable[[list[str], tuple[int, ...]], Any] | None = None
+    # The named hooks attached through this context (the job's session's: `Session.attached()` lists them).
+    hooks: HookRegistry = field(default_factory=HookRegistry)
 
 
 @dataclass
 class Intervention:
-    """Base: gating by CFG branch (`apply_to`) and denoising-step window (`steps` = [start, end))."""
+    """Base: (site, op, gates). The gates are CFG branch (`apply_to`) and denoising-step window (`steps` =
+    [start, end)); a subclass says where it acts (`placement`: a site of `sites.SITES`, and the layerwise blocks for
+    per-block sites) and what it does there (`make_op`: an `Op` built from its fields), and, when it learns from
+    reference prompts, `learn(ctx)`. Subclasses that need more than one hook may still override `attach`."""
 
     apply_to: str = "cond"
     steps: list[int] | None = None
@@ -55,8 +65,53 @@ class Intervention:
             require(len(self.steps) == 2 and 0 <= self.steps[0] < self.steps[1], "intervention.steps",
                     f"{self.steps} is not a window [start, end)", "give [start, end) with 0 <= start < end")
 
+    # ---- (site, op)
+    def make_op(self) -> Op | None:
+        """The op this intervention installs, built from its fields (None: it installs nothing generic)."""
+        return None
+
+    @property
+    def op(self) -> Op | None:
+        if "_op" not in self.__dict__:
+            self.__dict__["_op"] = self.make_op()
+        return self.__dict__["_op"]
+
+    @property
+    def placement(self) -> tuple[str, list[int] | None]:
+        """(site, layerwise blocks or None): by default the `site` field."""
+        return getattr(self, "site", None), None
+
+    def check_site(self) -> None:
+        """The site accepts the op — one line naming `intervention.site` otherwise (at construction/plan time)."""
+        if self.op is not None:
+            check_accepts(self.placement[0], self.op, "intervention.site")
+
+    @property
+    def depends_on_step(self) -> bool:
+        """Declared, never inferred: the output varies with the denoising step (a step window, or an op that
+        declares it reads the step). A subclass whose edit changes per call in another way must return True too,
+        or the text-path cache (`sampler.fast`) reuses its first step's output for the whole image."""
+        return self.steps is not None or bool(getattr(self.op, "depends_on_step", False))
+
+    # ---- fit
+    def learn(self, ctx: InterventionContext) -> dict:
+        """Compute what the op needs from reference prompts (through the text path as attached so far) and give the
+        record of it (numbers only). Called once, by `fit`."""
+        return {}
+
+    def fit(self, ctx: InterventionContext) -> dict:
+        """The explicit fit step (idempotent): `learn` once, keep its record (`fitted()`)."""
+        if "_fitted" not in self.__dict__:
+            self.__dict__["_fitted"] = dict(self.learn(ctx) or {})
+        return self.__dict__["_fitted"]
+
+    def fitted(self) -> dict | None:
+        """What `fit` learned (None before it ran)."""
+        return self.__dict__.get("_fitted")
+
     def validate(self, ctx: InterventionContext) -> None:
         """Checks that need the run's context (sampler steps); called before any model load."""
+        self.check_site()
         if self.steps is not None and ctx.num_steps is not None:
             require(self.steps[1] <= ctx.num_steps, "intervention.steps",
                     f"window {self.steps} exceeds the sampler's {ctx.num_steps} steps",
@@ -81,24 +136,25 @@ class Intervention:
     def is_identity(self) -> bool:
         return False
 
-    @property
-    def depends_on_step(self) -> bool:
-        """Whether this edit's output varies with the denoising step: declared, never inferred. True for anything
-        with a step window; a subclass whose edit changes per call in another way must return True too, or the
-        text-path cache (`sampler.fast`) reuses its first step's output for the whole image."""
-        return self.steps is not None
-
     @contextmanager
     def attach(self, ctx: InterventionContext) -> Iterator[None]:
-        yield
+        """Install the op at its site (fitted first if it was not): nothing at all for an identity setting."""
+        if self.op is None or self.is_identity:
+            yield
+            return
+        self.fit(ctx)
+        site, blocks = self.placement
+        with attach(site, self.op, self, ctx, at=blocks, key=self.config_key):
+            yield
 
     def describe(self) -> dict:
+        """The configuration (never what `fit` learned): the same before and after a run."""
         out = {"kind": self.kind}
         out.update({k: v for k, v in asdict(self).items()})
         return out
 
     def report(self) -> dict:
-        """Numbers learned while attached (e.g. steer's pair consistency), for the job's summary."""
+        """Numbers `fit` learned that belong in the job's summary (e.g. steer's pair consistency)."""
         return {}
 
 
@@ -137,9 +193,22 @@ def validate_all(interventions: list[Intervention], ctx: InterventionContext) ->
             intervention.validate(ctx)
 
 
+def fit_all(interventions: list[Intervention], ctx: InterventionContext) -> list[dict]:
+    """The fit step: each intervention learns with the ones before it attached (so a reference is computed in the
+    space its edit is applied in, as composed), then everything is detached. Returns the fitted records."""
+    with ExitStack() as stack:
+        for i, intervention in enumerate(interventions):
+            with keyed(intervention.config_key):
+                intervention.fit(ctx)
+                if any(later.fitted() is None for later in interventions[i + 1:]):
+                    stack.enter_context(intervention.attach(ctx))
+    return [i.fitted() for i in interventions]
+
+
 @contextmanager
 def applied(interventions: list[Intervention], ctx: InterventionContext) -> Iterator[None]:
-    """Attach every intervention in order; detach in reverse order, whatever happens inside."""
+    """Attach every intervention in order (fitting any not yet fitted); detach in reverse order, whatever happens."""
+    fit_all(interventions, ctx)
     with ExitStack() as stack:
         for intervention in interventions:
             with keyed(intervention.config_key):

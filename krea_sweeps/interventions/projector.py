@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, require
-from .attention import key_mask, masked_attention
+from .attention import key_mask
 from .base import Intervention, InterventionContext
-from .sites import (NUM_SLOTS, block_indices, choice, finite, gains_vector, hooked, projector, replace_first_arg,
-                    resolve_slot, text_fusion)
+from .hooks import Op
+from .sites import NUM_SLOTS, block_indices, choice, finite, gains_vector, projector, resolve_slot
 
 DIFF_KEY = "diffusion_model.txtfusion.projector.diff"  # ComfyUI's `.diff` patch: weight += strength · diff
 PRESETS = {
@@ -48,9 +48,39 @@ def rms_like(edited: torch.Tensor, stock: torch.Tensor, dim: int) -> torch.Tenso
     return edited * ratio.to(edited.dtype)
 
 
+class Gains(Op):
+    """Per-slot multipliers m: on the projector weight (w ⊙ m, in float32 and cast back, as ComfyUI patches bf16
+    weights), on states with a slot axis (each slot × its multiplier; `renorm` then rescales each token's 12-slot
+    stack to its stock RMS), or — 0/1 multipliers only — as a key mask of the layerwise attention (0 = hidden)."""
+
+    name = "gains"
+    needs_slots = True
+
+    def __init__(self, multipliers: list[float], renorm: bool = False):
+        self.multipliers, self.renorm = list(multipliers), renorm
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        m = torch.tensor(self.multipliers, dtype=torch.float32, device=w.device)
+        return (w.float() * m).to(w.dtype)
+
+    def states(self, x: torch.Tensor, call) -> torch.Tensor:
+        y = x * torch.tensor(self.multipliers, dtype=x.dtype, device=x.device)[:, None]
+        return rms_like(y.flatten(-2), x.flatten(-2), dim=-1).view_as(x) if self.renorm else y
+
+    def key_mask(self) -> torch.Tensor:
+        return key_mask([m != 0.0 for m in self.multipliers])
+
+    def refusal(self, site) -> str | None:
+        if site.form == "key_mask" and not all(m in (0.0, 1.0) for m in self.multipliers):
+            return (f"{site.name} can only hide or keep a key, but the multipliers are {self.multipliers} (use "
+                    "strength 1 and solo_gain 1 there)")
+        return super().refusal(site)
+
+
 @dataclass
 class LayerGains(Intervention):
-    """Base for gain-vector interventions: subclasses define `gain_vector()`; this class applies w ⊙ (1 + s(g − 1))."""
+    """Base for gain-vector interventions: subclasses define `gain_vector()`; the op is `Gains` with multipliers
+    1 + s(g − 1), at `site`."""
 
     site: str = "projector"
     strength: float = 1.0
@@ -59,7 +89,6 @@ class LayerGains(Intervention):
 
     def __post_init__(self):
         super().__post_init__()
-        choice(self.site, self.SITES, "intervention.site")
         finite(self.strength, "intervention.strength")
         self.strength = float(self.strength)
 
@@ -73,11 +102,17 @@ class LayerGains(Intervention):
     def rms_renorm(self) -> bool:
         return False
 
-    def _check_binary(self) -> None:
-        if self.site == "fusion_attention":
-            require(all(m in (0.0, 1.0) for m in self.multipliers()), "intervention.site",
-                    f"fusion_attention can only hide or keep a key, but the multipliers are {self.multipliers()}",
-                    "use strength 1 (and solo_gain 1) at fusion_attention, or site=projector for graded gains")
+    def check_site(self) -> None:
+        """Only the sites this kind is documented for (`SITES`), then the op's own acceptance (0/1 at attention)."""
+        choice(self.site, self.SITES, "intervention.site")
+        super().check_site()
+
+    @property
+    def placement(self) -> tuple[str, list[int] | None]:
+        return self.site, (block_indices(None, "intervention.site") if self.site == "fusion_attention" else None)
+
+    def make_op(self) -> Op:
+        return Gains(self.multipliers(), renorm=self.rms_renorm)
 
     @property
     def is_identity(self) -> bool:
@@ -85,33 +120,7 @@ class LayerGains(Intervention):
 
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """w' = w ⊙ (1 + s(g − 1)), computed in float32 and cast back (as ComfyUI patches bf16 weights)."""
-        m = torch.tensor(self.multipliers(), dtype=torch.float32, device=weight.device)
-        return (weight.float() * m).to(weight.dtype)
-
-    @contextmanager
-    def attach(self, ctx: InterventionContext) -> Iterator[None]:
-        mult = self.multipliers()
-        if self.site == "projector":
-            scope = projector_hook(self, ctx, self.effective_weight, renorm=self.rms_renorm)
-        elif self.site == "slots":
-            def scale_slots(module, args):
-                if not self.active(ctx.state):
-                    return None
-                x = args[0]
-                return replace_first_arg(args, x * torch.tensor(mult, dtype=x.dtype, device=x.device))
-            scope = hooked(projector(ctx), scale_slots, pre=True)
-        elif self.site == "taps":
-            def scale_taps(module, args):
-                if not self.active(ctx.state):
-                    return None
-                x = args[0]
-                return replace_first_arg(args, x * torch.tensor(mult, dtype=x.dtype, device=x.device)[:, None])
-            scope = hooked(text_fusion(ctx), scale_taps, pre=True)
-        else:
-            mask = key_mask([m != 0.0 for m in mult])
-            scope = masked_attention(self, ctx, block_indices(None, "intervention.site"), mask, "intervention.site")
-        with scope:
-            yield
+        return Gains(self.multipliers()).weight(weight)
 
 
 class _ProjectorChain:
@@ -137,11 +146,12 @@ class _ProjectorChain:
 
 
 @contextmanager
-def projector_hook(intervention: Intervention, ctx: InterventionContext, weight_fn, renorm: bool = False):
+def projector_hook(intervention: Intervention, ctx: InterventionContext, weight_fn, renorm: bool = False,
+                   module: torch.nn.Module | None = None):
     """Join the projector's edit chain while attached: when active, `weight_fn` maps the weight so far (stock, or
     the earlier edits' result) to the next one. Nothing is written to the parameter; the hook goes with the last
-    edit."""
-    module = projector(ctx)
+    edit. (The `projector` site's installer: `hooks.attach` calls this.)"""
+    module = projector(ctx) if module is None else module
     chains = ctx.projector_chains  # the session's: edits attached through one context share one chain per module
     chain = chains.get(module)
     if chain is None:
@@ -172,7 +182,7 @@ class Solo(LayerGains):
         self.slot, self.layer = resolve_slot(self.slot, self.layer, "intervention")
         finite(self.solo_gain, "intervention.solo_gain")
         self.solo_gain = float(self.solo_gain)
-        self._check_binary()
+        self.check_site()
 
     def gain_vector(self) -> list[float]:
         return [self.solo_gain if i == self.slot else 0.0 for i in range(NUM_SLOTS)]
@@ -190,7 +200,7 @@ class LeaveOneOut(LayerGains):
     def __post_init__(self):
         super().__post_init__()
         self.slot, self.layer = resolve_slot(self.slot, self.layer, "intervention")
-        self._check_binary()
+        self.check_site()
 
     def gain_vector(self) -> list[float]:
         return [0.0 if i == self.slot else 1.0 for i in range(NUM_SLOTS)]
@@ -210,6 +220,7 @@ class Rebalance(LayerGains):
 
     def __post_init__(self):
         super().__post_init__()
+        choice(self.site, self.SITES, "intervention.site")
         self.renorm = choice(self.renorm, ("none", "rms"), "intervention.renorm")
         require(self.renorm == "none" or self.site == "projector", "intervention.renorm",
                 f"renorm=rms rescales the projector output, but site={self.site}", "use site=projector with renorm=rms")
@@ -221,6 +232,7 @@ class Rebalance(LayerGains):
                     f"set intervention.preset ({', '.join(PRESETS)}) or intervention.gains=[12 numbers]")
             choice(self.preset, PRESETS, "intervention.preset")
             self.gains = [float(g) for g in PRESETS[self.preset]]
+        self.check_site()
 
     @property
     def rms_renorm(self) -> bool:
@@ -279,6 +291,18 @@ def parse_gains(text: str | None) -> list[float] | None:
         return None
 
 
+class AddDiff(Op):
+    """w' = w + s·diff (float32, cast back), as ComfyUI's LoRA loader applies a `.diff` patch."""
+
+    name = "add_diff"
+
+    def __init__(self, diff: torch.Tensor, strength: float):
+        self.diff, self.strength = diff, strength
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        return (w.float() + self.strength * self.diff.to(w.device)).to(w.dtype)
+
+
 @dataclass
 class LoraFile(Intervention):
     """A projector `.diff` file (the seed's format) at a strength: w' = w + s·diff, as ComfyUI's loader applies it."""
@@ -305,13 +329,15 @@ class LoraFile(Intervention):
     def is_identity(self) -> bool:
         return self.strength == 0.0 or not bool(self.diff.any())
 
-    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return (weight.float() + self.strength * self.diff.to(weight.device)).to(weight.dtype)
+    @property
+    def placement(self) -> tuple[str, None]:
+        return "projector", None
 
-    @contextmanager
-    def attach(self, ctx: InterventionContext) -> Iterator[None]:
-        with projector_hook(self, ctx, self.effective_weight):
-            yield
+    def make_op(self) -> Op:
+        return AddDiff(self.diff, self.strength)
+
+    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.op.weight(weight)
 
     def describe(self) -> dict:
         out = super().describe()

@@ -1,33 +1,37 @@
-"""Where interventions act on Krea 2's text path, and how slots/taps are addressed.
+"""Where interventions act on Krea 2's text path — the site registry — and how slots/taps are addressed.
 
-Sites (diffusers 0.42.1 module names, under `transformer.text_fusion`):
-- `taps`: the 12 stacked encoder hidden states [B, T, 12, D] entering `text_fusion` (forward-pre-hook on it);
-- `slots`: the attention-mixed projector inputs [B, T, D, 12] (forward-pre-hook on `text_fusion.projector`);
-- `projector`: the [1, 12] weight, edited at forward time (forward hook on `projector` returning `F.linear(x, w')`,
-  which is bit-identical to replacing the weight, but can be gated per CFG branch and step);
-- `fusion_attention`: the layerwise blocks' cross-layer attention (pre-hook on `layerwise_blocks[i].attn` injecting
-  a key mask);
-- `block`: the output of one layerwise block [B·T, 12, D] (forward hook on `layerwise_blocks[i]`; `patch`);
-- `fused`: the text features after the refiner blocks (forward hook on `text_fusion`).
+Each site is declared once, in `SITES` (diffusers 0.42.1 module names, under `transformer.text_fusion`): how to find
+its module, which hook (forward-pre or forward), what form of op it takes, and its tensor layout. Ops see states in
+one canonical layout — tokens first, the slot axis second to last: [B, T, 12, D] (or [B, T, D] where there are no
+slots) — and the site converts to and from its own, so an op is written once for every site that accepts it.
 
-A slot or tap is addressed by index (`3`) or by its encoder layer (`L20` in lists, or `layer: 20`): layer 20 is
-index 6 because select_layers = [2, 5, ..., 35]. Hooks live only inside `hooked(...)`, so they are removed on exit
-whatever happens in the body.
+- `taps` (states): the 12 stacked encoder hidden states entering `text_fusion` [B, T, 12, D] (pre-hook on it);
+- `slots` (states): the attention-mixed projector inputs [B, T, D, 12] (pre-hook on `text_fusion.projector`);
+- `block` (states, per layerwise block): one layerwise block's output [B·T, 12, D] (forward hook);
+- `fused` (states, no slot axis): the text features after the refiner blocks [B, T, D] (forward hook on
+  `text_fusion`);
+- `projector` (weight): the [1, 12] weight, edited at forward time (a forward hook returning `F.linear(x, w')`,
+  bit-identical to replacing the weight, but gated per CFG branch and step, and nothing is written);
+- `fusion_attention` (key_mask, per layerwise block): the layerwise blocks' cross-layer attention (pre-hook on
+  `layerwise_blocks[i].attn` injecting a key mask).
+
+A new site (DiT text tokens, DiT joint attention, encoder layers) is one more `Site(...)` passed to
+`register_site`. A slot or tap is addressed by index (`3`) or by its encoder layer (`L20` in lists, or `layer: 20`):
+layer 20 is index 6 because select_layers = [2, 5, ..., 35]; `slot_index`/`layer_of` are the one conversion.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import ConfigError, require, require_choice
 from ..synthetic import SELECT_LAYERS
 
 NUM_SLOTS = len(SELECT_LAYERS)
 NUM_LAYERWISE_BLOCKS = 2  # Krea 2 (and the synthetic model): `num_layerwise_text_blocks`
-
-SITES = ("taps", "slots", "projector", "fusion_attention", "block", "fused")
 
 
 # ---------------------------------------------------------------------------------------------------- addressing
@@ -120,6 +124,79 @@ def block_indices(values: Any, key: str) -> list[int]:
     return sorted(set(out))
 
 
+
+# ------------------------------------------------------------------------------------------------------ layouts
+@dataclass(frozen=True)
+class Layout:
+    """How states are laid out at a site, and the conversion to and from the canonical [B, T, 12, D] / [B, T, D].
+    `call` is the text_fusion call in progress (its taps give B, for layouts that fold the batch into the tokens)."""
+
+    name: str
+    has_slots: bool
+    to_canonical: Callable[[Any, Any], Any]
+    from_canonical: Callable[[Any, Any, Any], Any]  # (y, x as it came, call)
+
+
+TOKENS_SLOTS_DIM = Layout("[B, T, 12, D]", True, lambda x, call: x, lambda y, x, call: y)
+TOKENS_DIM_SLOTS = Layout("[B, T, D, 12]", True, lambda x, call: x.transpose(-1, -2),
+                          lambda y, x, call: y.transpose(-1, -2))
+FOLDED_TOKENS = Layout("[B·T, 12, D]", True, lambda x, call: x.reshape(call.batch, -1, *x.shape[1:]),
+                       lambda y, x, call: y.reshape(x.shape))
+TOKENS = Layout("[B, T, D]", False, lambda x, call: x, lambda y, x, call: y)
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+@dataclass(frozen=True)
+class Site:
+    """One place on the text path an op can act: `module(text_fusion, index)` finds it, `hook` is `pre` (the
+    module's first input) or `forward` (its output), `form` is what an op must provide there (`states`, `weight`
+    or `key_mask`), `layout` how states look there (None for weight/key-mask sites), `per_block`: addressed by
+    layerwise block index."""
+
+    name: str
+    module: Callable[[Any, int], Any]
+    hook: str
+    form: str
+    layout: Layout | None = None
+    per_block: bool = False
+    doc: str = ""
+
+    @property
+    def has_slots(self) -> bool:
+        return self.layout is None or self.layout.has_slots
+
+
+def _block(tf, index: int):
+    blocks = tf.layerwise_blocks
+    require(0 <= index < len(blocks), "intervention.blocks", f"block {index} does not exist (the model has "
+            f"{len(blocks)})", f"give indices 0–{len(blocks) - 1}")
+    return blocks[index]
+
+
+SITES: dict[str, Site] = {}
+
+
+def register_site(site: Site) -> Site:
+    """Declare a site (once: a second declaration under the same name is a programming error)."""
+    if site.name in SITES:
+        raise ValueError(f"site {site.name!r} is already declared")
+    SITES[site.name] = site
+    return site
+
+
+register_site(Site("taps", lambda tf, i: tf, "pre", "states", TOKENS_SLOTS_DIM,
+                   doc="the 12 encoder hidden states entering text_fusion"))
+register_site(Site("slots", lambda tf, i: tf.projector, "pre", "states", TOKENS_DIM_SLOTS,
+                   doc="the projector's inputs, after the layerwise blocks"))
+register_site(Site("projector", lambda tf, i: tf.projector, "forward", "weight",
+                   doc="the [1, 12] projector weight, applied at call time"))
+register_site(Site("fusion_attention", lambda tf, i: _block(tf, i).attn, "pre", "key_mask", per_block=True,
+                   doc="the layerwise blocks' attention over the 12 slots"))
+register_site(Site("block", _block, "forward", "states", FOLDED_TOKENS, per_block=True,
+                   doc="one layerwise block's output"))
+register_site(Site("fused", lambda tf, i: tf, "forward", "states", TOKENS,
+                   doc="the text features after the refiner blocks"))
+
 # ------------------------------------------------------------------------------------------------------- modules
 def text_fusion(ctx) -> Any:
     require(ctx.text_path is not None, "intervention", "attached without a text path",
@@ -129,13 +206,6 @@ def text_fusion(ctx) -> Any:
 
 def projector(ctx) -> Any:
     return text_fusion(ctx).projector
-
-
-def layerwise_attention(ctx, block: int, key: str) -> Any:
-    blocks = text_fusion(ctx).layerwise_blocks
-    require(block < len(blocks), key, f"block {block} does not exist (the model has {len(blocks)})",
-            f"give indices 0–{len(blocks) - 1}")
-    return blocks[block].attn
 
 
 # --------------------------------------------------------------------------------------------------------- hooks
@@ -160,31 +230,6 @@ def pool_tokens(x, mask):
     """Mean over valid tokens: x [B, T, ...], mask [B, T] bool → [B, ...]."""
     m = mask.to(x.dtype).reshape(*mask.shape, *([1] * (x.dim() - 2)))
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-def capture(ctx, encoded, site: str):
-    """The states at `site` for `encoded`, through the text path as currently attached: taps [B, T, 12, D],
-    slots [B, T, D, 12] (projector input), fused [B, T, D] (text_fusion output). Used for reference statistics
-    (ablate mean/resample, steer directions), so they live in the same space the edit is applied in."""
-    import torch
-
-    if site == "taps":
-        return encoded.taps
-    grabbed = {}
-    tf = text_fusion(ctx)
-    if site == "slots":
-        def grab(module, args):
-            grabbed["x"] = args[0]
-        scope = hooked(tf.projector, grab, pre=True)
-    elif site == "fused":
-        def grab(module, args, output):
-            grabbed["x"] = output
-        scope = hooked(tf, grab)
-    else:
-        raise ValueError(f"cannot capture site {site!r}")
-    with torch.no_grad(), scope:
-        ctx.text_path(encoded.taps, encoded.mask)
-    return grabbed["x"]
 
 
 # --------------------------------------------------------------------------------------------- rows → prompts

@@ -9,24 +9,24 @@ For each token c:
     project_out  c − (c·d̂) d̂            clamp      c + (value − c·d̂) d̂   (set the component to `value`)
 
 `consistency` is the mean pairwise cosine of the per-pair deltas: near 1 means the pairs agree on one direction,
-near 0 that their difference of means is mostly noise. It is filled in at first attach (it needs the encoder) and
-reported by `describe()` and `report()`.
+near 0 that their difference of means is mostly noise. The direction and consistency are learned by the explicit fit
+step (it needs the encoder), recorded by `fitted()` and `report()`; `describe()` stays the configuration.
 """
 
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, require
 from .base import Intervention, InterventionContext
-from .sites import NUM_SLOTS, capture, choice, finite, hooked, pool_tokens, projector, replace_first_arg, text_fusion
+from .hooks import Op, capture
+from .sites import NUM_SLOTS, choice, finite, pool_tokens
 
 MODES = ("amplify", "add", "subtract", "project_out", "clamp")
 
@@ -79,6 +79,24 @@ def pairwise_consistency(deltas: torch.Tensor) -> float | None:
     return sum(cos) / len(cos)
 
 
+class SteerOp(Op):
+    """`steer_tokens` with a unit direction d̂ of the states' trailing shape ([12, D], or [D] at a site without
+    slots), in float32 (a copy-free cast on float32 models: bf16 dot products over 12×2560 lose the sign)."""
+
+    name = "steer"
+
+    def __init__(self, mode: str, strength: float, value: float, per_tap: bool, d_hat: torch.Tensor | None = None):
+        self.mode, self.strength, self.value, self.per_tap, self.d_hat = mode, strength, value, per_tap, d_hat
+
+    def states(self, c: torch.Tensor, call) -> torch.Tensor:
+        d_hat = self.d_hat
+        require(c.shape[-d_hat.dim():] == d_hat.shape, "intervention.direction_file",
+                f"direction of shape {list(d_hat.shape)} for states of shape {list(c.shape[-d_hat.dim():])}",
+                "use a direction computed on this model (text_hidden_dim)")
+        return steer_tokens(c.float(), d_hat.to(c.device), self.mode, self.strength, self.value,
+                            self.per_tap).to(c.dtype)
+
+
 @dataclass
 class Steer(Intervention):
     """Move each token's conditioning along a direction (see the module docstring for the modes)."""
@@ -106,7 +124,6 @@ class Steer(Intervention):
             self.pairs = None
         require(self.pairs is not None or self.direction_file is not None, "intervention.pairs",
                 "no direction given", "set intervention.pairs=[[A,B],...] or intervention.direction_file=d.npy")
-        self.consistency: float | None = None
         self._direction: torch.Tensor | None = None
         if self.pairs is not None:
             ok = len(self.pairs) > 0 and all(not isinstance(p, str) and len(p) == 2 for p in self.pairs)
@@ -116,6 +133,7 @@ class Steer(Intervention):
         else:
             self.direction_file = str(self.direction_file)
             self._direction = self._checked(load_direction(self.direction_file), "intervention.direction_file")
+        self.check_site()
 
     def _checked(self, d: torch.Tensor, key: str) -> torch.Tensor:
         expected = "[D]" if self.site == "fused" else f"[{NUM_SLOTS}, D]"
@@ -145,64 +163,48 @@ class Steer(Intervention):
                     f"states there are {expected} (text_hidden_dim {ctx.text_dim})",
                     f"give a direction of shape {expected} computed on this model")
 
-    def direction(self, ctx: InterventionContext) -> torch.Tensor:
-        """The raw direction d ([12, D] or [D]); from the pairs at first call (which also sets `consistency`)."""
+    def make_op(self) -> Op:
+        return SteerOp(self.mode, self.strength, self.value, self.normalize == "per_tap")
+
+    def learn(self, ctx: InterventionContext) -> dict:
+        """The raw direction d from the pairs (difference of means of token-pooled states at the site) and the
+        pairs' consistency; the op gets the unit direction d̂."""
+        record = {}
         if self._direction is None:
             require(ctx.encode is not None, "intervention.pairs", "prompt pairs need the encoder",
                     "attach through JobContext.intervened() or pass InterventionContext(encode=...)")
             a = self.pooled(ctx, [p[0] for p in self.pairs])
             b = self.pooled(ctx, [p[1] for p in self.pairs])
             deltas = a - b
-            self.consistency = pairwise_consistency(deltas)
+            record["consistency"] = pairwise_consistency(deltas)
             self._direction = self._checked(deltas.mean(0).float().cpu(), "intervention.pairs")
+        d = self._direction.double()
+        d = d / (d.norm(dim=-1, keepdim=True) if self.normalize == "per_tap" else d.norm())
+        self.op.d_hat = d.float()
+        record["direction_norm"] = float(self._direction.norm())
+        return record
+
+    @property
+    def consistency(self) -> float | None:
+        """The pairs' mean pairwise cosine, once fitted (None before, or for a direction file)."""
+        return (self.fitted() or {}).get("consistency")
+
+    def direction(self, ctx: InterventionContext) -> torch.Tensor:
+        """The raw direction d ([12, D] or [D]), fitting first if needed."""
+        self.fit(ctx)
         return self._direction
 
     def pooled(self, ctx: InterventionContext, prompts: list[str]) -> torch.Tensor:
         """Token-pooled states at the site, one row per prompt: [P, 12, D] or [P, D]."""
         enc = ctx.encode(prompts)
-        states = capture(ctx, enc, self.site)
-        if self.site == "slots":
-            states = states.transpose(-1, -2)
-        return pool_tokens(states, enc.mask)
+        return pool_tokens(capture(ctx, enc, self.site), enc.mask)
 
     def unit_direction(self, ctx: InterventionContext) -> torch.Tensor:
-        d = self.direction(ctx).double()
-        d = d / (d.norm(dim=-1, keepdim=True) if self.normalize == "per_tap" else d.norm())
-        return d.float()
-
-    @contextmanager
-    def attach(self, ctx: InterventionContext) -> Iterator[None]:
-        d_hat = self.unit_direction(ctx)
-        per_tap = self.normalize == "per_tap"
-
-        def edit(c: torch.Tensor) -> torch.Tensor:
-            require(c.shape[-d_hat.dim():] == d_hat.shape, "intervention.direction_file",
-                    f"direction of shape {list(d_hat.shape)} for states of shape {list(c.shape[-d_hat.dim():])}",
-                    "use a direction computed on this model (text_hidden_dim)")
-            # float32 math (a no-op copy-free cast on float32 models): bf16 dot products over 12×2560 lose the sign
-            return steer_tokens(c.float(), d_hat.to(c.device), self.mode, self.strength, self.value,
-                                per_tap).to(c.dtype)
-
-        if self.site == "fused":
-            def hook(module, args, output):
-                return edit(output) if self.active(ctx.state) else None
-            scope = hooked(text_fusion(ctx), hook)
-        elif self.site == "taps":
-            def hook(module, args):
-                return replace_first_arg(args, edit(args[0])) if self.active(ctx.state) else None
-            scope = hooked(text_fusion(ctx), hook, pre=True)
-        else:
-            def hook(module, args):
-                if not self.active(ctx.state):
-                    return None
-                return replace_first_arg(args, edit(args[0].transpose(-1, -2)).transpose(-1, -2))
-            scope = hooked(projector(ctx), hook, pre=True)
-        with scope:
-            yield
+        self.fit(ctx)
+        return self.op.d_hat
 
     def describe(self) -> dict:
         out = super().describe()
-        out["consistency"] = self.consistency
         if self.mode != "clamp":
             out.pop("value")
         return out

@@ -1,26 +1,24 @@
 """Edits of the states themselves: per-tap gains before fusion (`tap_scale`) and ablations at taps or slots.
 
-Both act through forward-pre-hooks — on `text_fusion` (taps [B, T, 12, D]) or on `text_fusion.projector` (slots
-[B, T, D, 12]) — that return edited copies; the cached model's tensors are never written. Reference statistics
-(the mean of a prompt set, another prompt's states) are computed once per intervention object, at first attach,
-through the text path as attached so far.
+Both are ops on canonical states (`hooks.Op`) installed at the `taps` or `slots` site; they return edited copies,
+the cached model's tensors are never written. Reference statistics (the mean of a prompt set, another prompt's
+states) are computed by the explicit fit step (`Intervention.fit`), through the text path as attached so far.
 """
 
 from __future__ import annotations
 
 import hashlib
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import require
 from ..prompts import content_mask
 from .base import Intervention, InterventionContext
-from .projector import rms_like
-from .sites import (NUM_SLOTS, capture, choice, finite, gains_vector, hooked, layer_of, projector, replace_first_arg,
-                    slot_indices, text_fusion)
+from .hooks import Op, capture
+from .projector import Gains
+from .sites import NUM_SLOTS, choice, finite, gains_vector, layer_of, slot_indices
 
 DEFAULT_REFERENCE_PROMPTS = [
     "a photograph of a room",
@@ -62,86 +60,50 @@ class TapScale(Intervention):
     def is_identity(self) -> bool:
         return all(f == 1.0 for f in self.factors())
 
-    @contextmanager
-    def attach(self, ctx: InterventionContext) -> Iterator[None]:
-        factors = self.factors()
+    @property
+    def placement(self) -> tuple[str, None]:
+        return "taps", None
 
-        def scale(module, args):
-            if not self.active(ctx.state):
-                return None
-            x = args[0]
-            y = x * torch.tensor(factors, dtype=x.dtype, device=x.device)[:, None]
-            if self.renorm == "rms":
-                y = rms_like(y.flatten(-2), x.flatten(-2), dim=-1).view_as(x)
-            return replace_first_arg(args, y)
-
-        with hooked(text_fusion(ctx), scale, pre=True):
-            yield
+    def make_op(self) -> Op:
+        return Gains(self.factors(), renorm=self.renorm == "rms")
 
     def describe(self) -> dict:
         return {**super().describe(), "site": "taps"}
 
 
-@dataclass
-class Ablate(Intervention):
-    """Replace the `targets` (slots `3` or layers `L20`) at `site` (taps | slots) with:
-    zero; the mean over the valid tokens of `reference_prompts`; the states of `source_prompt` (resample, aligned by
-    token rank: content to content, suffix to suffix); or Gaussian noise with each token's norm (seeded per valid-token
-    rank, so the same prompt gets the same noise at any padding or batch size)."""
+class Replace(Op):
+    """Replace the `targets` slots of every token (canonical [B, T, 12, D]) with: zero; a reference mean [12, D]; a
+    source prompt's states, aligned by token rank (content to content, suffix to suffix); or Gaussian noise with each
+    token's norm, seeded per valid-token rank (the same prompt gets the same noise at any padding or batch size)."""
 
-    site: str = "taps"
-    mode: str = "zero"
-    targets: list[Any] = field(default_factory=list)
-    reference_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_REFERENCE_PROMPTS))
-    source_prompt: str = "a plain grey background"
-    seed: int = 0
+    name = "replace"
+    needs_slots = True
 
-    kind: ClassVar[str] = "ablate"
-    MODES: ClassVar[tuple[str, ...]] = ("zero", "mean", "resample", "noise")
+    def __init__(self, mode: str, targets: list[int], seed: int = 0, reference=None):
+        self.mode, self.targets, self.seed, self.reference = mode, list(targets), seed, reference
+        self._noise: dict[tuple, torch.Tensor] = {}  # memo of noise_rows (a pure function of seed, rank, D)
 
-    def __post_init__(self):
-        super().__post_init__()
-        choice(self.site, ("taps", "slots"), "intervention.site")
-        choice(self.mode, self.MODES, "intervention.mode")
-        self.targets = slot_indices(self.targets, "intervention.targets")
+    def states(self, x: torch.Tensor, call) -> torch.Tensor:
+        y = x.clone()
+        y[..., self.targets, :] = self.replacement(x, call.mask)
+        return y
+
+    def replacement(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What the targets become; x is [..., 12, D] and the result is [..., len(targets), D]."""
+        t = self.targets
+        if self.mode == "zero":
+            return torch.zeros_like(x[..., t, :])
         if self.mode == "mean":
-            require(len(self.reference_prompts or []) > 0, "intervention.reference_prompts", "no reference prompts",
-                    "give prompts whose mean state replaces the targets")
-            self.reference_prompts = [str(p) for p in self.reference_prompts]
-        require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "intervention.seed", f"{self.seed!r} is not an integer", "give an int")
-        self._reference: torch.Tensor | None = None
-        self._noise: dict[tuple, torch.Tensor] = {}
+            return self.reference[t].to(device=x.device, dtype=x.dtype).expand_as(x[..., t, :])
+        if self.mode == "resample":
+            return self.resampled(x, mask)
+        return self.noised(x, mask)
 
-    @property
-    def is_identity(self) -> bool:
-        return not self.targets
-
-    def _slot_axis_last(self, x: torch.Tensor) -> torch.Tensor:
-        """States as [..., 12, D] whatever the site (slots arrive as [..., D, 12])."""
-        return x.transpose(-1, -2) if self.site == "slots" else x
-
-    def reference(self, ctx: InterventionContext) -> Any:
-        """Mode mean: the [12, D] mean. Mode resample: the source's (content, suffix) states [n, 12, D] each."""
-        if self.mode not in ("mean", "resample") or self._reference is not None:
-            return self._reference
-        require(ctx.encode is not None, "intervention.mode", f"mode={self.mode} needs to encode prompts",
-                "attach through JobContext.intervened() or pass InterventionContext(encode=...)")
-        prompts = self.reference_prompts if self.mode == "mean" else [self.source_prompt]
-        enc = ctx.encode(prompts)
-        states = self._slot_axis_last(capture(ctx, enc, self.site))
-        if self.mode == "mean":  # mean over every valid token of the set
-            m = enc.mask.to(states.dtype)[..., None, None]
-            self._reference = (states * m).sum((0, 1)) / m.sum((0, 1)).clamp_min(1.0)
-        else:
-            content = enc.content[0]
-            self._reference = (states[0, content], states[0, enc.mask[0] & ~content])
-        return self._reference
-
-    def resampled(self, x: torch.Tensor, mask: torch.Tensor | None, ref) -> torch.Tensor:
+    def resampled(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The source prompt's states for x's targets, aligned by token rank — content token i gets the source's
         content token i (cycling when the target is longer), the template suffix gets the source's suffix — so it
         works at any padding (or none: the fast path trims it). Padded positions keep their states (never read)."""
-        src_content, src_suffix = ref
+        src_content, src_suffix = self.reference
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device)
         content = content_mask(valid)
         out = x[..., self.targets, :].clone()
@@ -153,21 +115,10 @@ class Ablate(Intervention):
                     out[b, where] = src[rank][:, self.targets].to(device=x.device, dtype=x.dtype)
         return out
 
-    def replacement(self, x: torch.Tensor, ref, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """What the targets become; x is [..., 12, D] and the result is [..., len(targets), D]."""
-        t = self.targets
-        if self.mode == "zero":
-            return torch.zeros_like(x[..., t, :])
-        if self.mode == "mean":
-            return ref[t].to(device=x.device, dtype=x.dtype).expand_as(x[..., t, :])
-        if self.mode == "resample":
-            return self.resampled(x, mask, ref)
-        return self.noised(x, mask)
-
     def noise_rows(self, n: int, dim: int, device) -> torch.Tensor:
         """[n, 12, D] float32 Gaussian noise, row r drawn from its own generator seeded by (seed, r): a token's noise
         depends only on its rank among the prompt's valid tokens — not on padding, batch size or batch position — so
-        the eager, trimmed and batched paths ablate with the same noise. Cached per (D, device), grown on demand."""
+        the eager, trimmed and batched paths ablate with the same noise. Memoised per (D, device), grown on demand."""
         key = (dim, str(device))
         have = self._noise.get(key, torch.zeros((0, NUM_SLOTS, dim), device=device))
         if have.shape[0] < n:
@@ -190,38 +141,64 @@ class Ablate(Intervention):
             out[b, where] = (noise * scale).to(x.dtype)
         return out
 
-    def ablated(self, states: torch.Tensor, ref, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self._slot_axis_last(states)
-        y = x.clone()
-        y[..., self.targets, :] = self.replacement(x, ref, mask)
-        return self._slot_axis_last(y)
 
-    @contextmanager
-    def attach(self, ctx: InterventionContext) -> Iterator[None]:
-        if self.is_identity:
-            yield
-            return
-        ref = self.reference(ctx)
-        seen = {"mask": None}  # text_fusion's token mask [B, T] of the current call (None: all valid)
+@dataclass
+class Ablate(Intervention):
+    """Replace the `targets` (slots `3` or layers `L20`) at `site` (taps | slots) with zero, the mean over the
+    valid tokens of `reference_prompts`, the states of `source_prompt` (resample) or norm-matched noise (`Replace`).
+    The mean and the source's states are learned by `fit`."""
 
-        def at_taps(module, args, kwargs):
-            m = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            seen["mask"] = None if m is None else m.reshape(m.shape[0], m.shape[-1]).bool()
-            if self.site != "taps" or not self.active(ctx.state):
-                return None
-            return replace_first_arg(args, self.ablated(args[0], ref, seen["mask"])), kwargs
+    site: str = "taps"
+    mode: str = "zero"
+    targets: list[Any] = field(default_factory=list)
+    reference_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_REFERENCE_PROMPTS))
+    source_prompt: str = "a plain grey background"
+    seed: int = 0
 
-        def at_slots(module, args):
-            if not self.active(ctx.state):
-                return None
-            return replace_first_arg(args, self.ablated(args[0], ref, seen["mask"]))
+    kind: ClassVar[str] = "ablate"
+    MODES: ClassVar[tuple[str, ...]] = ("zero", "mean", "resample", "noise")
 
-        with ExitStack() as stack:
-            if self.site == "taps" or self.mode in ("resample", "noise"):  # resample and noise need the mask
-                stack.enter_context(hooked(text_fusion(ctx), at_taps, pre=True, with_kwargs=True))
-            if self.site == "slots":
-                stack.enter_context(hooked(projector(ctx), at_slots, pre=True))
-            yield
+    def __post_init__(self):
+        super().__post_init__()
+        choice(self.site, ("taps", "slots"), "intervention.site")
+        choice(self.mode, self.MODES, "intervention.mode")
+        self.targets = slot_indices(self.targets, "intervention.targets")
+        if self.mode == "mean":
+            require(len(self.reference_prompts or []) > 0, "intervention.reference_prompts", "no reference prompts",
+                    "give prompts whose mean state replaces the targets")
+            self.reference_prompts = [str(p) for p in self.reference_prompts]
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "intervention.seed", f"{self.seed!r} is not an integer", "give an int")
+        self.check_site()
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.targets
+
+    def make_op(self) -> Op:
+        return Replace(self.mode, self.targets, self.seed)
+
+    def learn(self, ctx: InterventionContext) -> dict:
+        """Mode mean: the [12, D] mean over every valid token of the reference set. Mode resample: the source's
+        (content, suffix) states [n, 12, D] each. Both at the site, through the text path as attached so far."""
+        if self.mode not in ("mean", "resample") or self.is_identity:
+            return {}
+        require(ctx.encode is not None, "intervention.mode", f"mode={self.mode} needs to encode prompts",
+                "attach through JobContext.intervened() or pass InterventionContext(encode=...)")
+        prompts = self.reference_prompts if self.mode == "mean" else [self.source_prompt]
+        enc = ctx.encode(prompts)
+        states = capture(ctx, enc, self.site)
+        if self.mode == "mean":
+            m = enc.mask.to(states.dtype)[..., None, None]
+            self.op.reference = (states * m).sum((0, 1)) / m.sum((0, 1)).clamp_min(1.0)
+            return {"reference_tokens": int(enc.mask.sum())}
+        content = enc.content[0]
+        self.op.reference = (states[0, content], states[0, enc.mask[0] & ~content])
+        return {"source_tokens": int(enc.mask[0].sum())}
+
+    def reference(self, ctx: InterventionContext) -> Any:
+        """What `fit` learned (fitting now if it has not run)."""
+        self.fit(ctx)
+        return self.op.reference
 
     def describe(self) -> dict:
         out = super().describe()
