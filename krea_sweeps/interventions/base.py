@@ -83,8 +83,9 @@ class Intervention:
 
     def check_site(self) -> None:
         """The site accepts the op — one line naming `intervention.site` otherwise (at construction/plan time)."""
-        if self.op is not None:
-            check_accepts(self.placement[0], self.op, "intervention.site")
+        op = self.make_op()  # fresh: fields may not be normalised yet when a subclass checks early
+        if op is not None:
+            check_accepts(self.placement[0], op, "intervention.site")
 
     @property
     def depends_on_step(self) -> bool:

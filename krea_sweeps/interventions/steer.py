@@ -26,7 +26,7 @@ import torch
 from ..errors import ConfigError, require
 from .base import Intervention, InterventionContext
 from .hooks import Op, capture
-from .sites import NUM_SLOTS, choice, finite, pool_tokens
+from .sites import NUM_SLOTS, SITES, choice, finite, pool_tokens
 
 MODES = ("amplify", "add", "subtract", "project_out", "clamp")
 
@@ -113,11 +113,11 @@ class Steer(Intervention):
 
     def __post_init__(self):
         super().__post_init__()
-        choice(self.site, ("taps", "slots", "fused"), "intervention.site")
+        self.check_site()
         choice(self.mode, MODES, "intervention.mode")
         choice(self.normalize, ("whole", "per_tap"), "intervention.normalize")
-        require(self.normalize == "whole" or self.site != "fused", "intervention.normalize",
-                "fused features have no taps", "use normalize=whole at site=fused")
+        require(self.normalize == "whole" or self.has_slots, "intervention.normalize",
+                f"{self.site} has no taps", f"use normalize=whole at site={self.site}")
         finite([self.strength, self.value], "intervention.strength/value")
         self.strength, self.value = float(self.strength), float(self.value)
         if self.direction_file is not None:  # a file replaces the (default) pairs
@@ -133,11 +133,10 @@ class Steer(Intervention):
         else:
             self.direction_file = str(self.direction_file)
             self._direction = self._checked(load_direction(self.direction_file), "intervention.direction_file")
-        self.check_site()
 
     def _checked(self, d: torch.Tensor, key: str) -> torch.Tensor:
-        expected = "[D]" if self.site == "fused" else f"[{NUM_SLOTS}, D]"
-        shape_ok = d.dim() == 1 if self.site == "fused" else (d.dim() == 2 and d.shape[0] == NUM_SLOTS)
+        expected = f"[{NUM_SLOTS}, D]" if self.has_slots else "[D]"
+        shape_ok = (d.dim() == 2 and d.shape[0] == NUM_SLOTS) if self.has_slots else d.dim() == 1
         require(shape_ok, key, f"direction of shape {list(d.shape)} at site={self.site}", f"give shape {expected}")
         require(bool(torch.isfinite(d).all()), key, "the direction holds NaN/inf", "give a finite direction")
         norms = d.norm(dim=-1) if self.normalize == "per_tap" else d.norm()
@@ -149,8 +148,13 @@ class Steer(Intervention):
     def is_identity(self) -> bool:
         return self.mode in ("amplify", "add", "subtract") and self.strength == 0.0
 
+    @property
+    def has_slots(self) -> bool:
+        """Whether the states at the site have the 12-slot axis (declared by the site: not at `fused`)."""
+        return SITES[self.site].has_slots
+
     def expected_shape(self, text_dim: int) -> list[int]:
-        return [text_dim] if self.site == "fused" else [NUM_SLOTS, text_dim]
+        return [NUM_SLOTS, text_dim] if self.has_slots else [text_dim]
 
     def validate(self, ctx: InterventionContext) -> None:
         """A direction file must match the model's encoder width D (from its config): checked here, before any

@@ -160,7 +160,7 @@ class Ablate(Intervention):
 
     def __post_init__(self):
         super().__post_init__()
-        choice(self.site, ("taps", "slots"), "intervention.site")
+        self.check_site()
         choice(self.mode, self.MODES, "intervention.mode")
         self.targets = slot_indices(self.targets, "intervention.targets")
         if self.mode == "mean":
@@ -168,7 +168,6 @@ class Ablate(Intervention):
                     "give prompts whose mean state replaces the targets")
             self.reference_prompts = [str(p) for p in self.reference_prompts]
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "intervention.seed", f"{self.seed!r} is not an integer", "give an int")
-        self.check_site()
 
     @property
     def is_identity(self) -> bool:
