@@ -58,3 +58,9 @@ def test_the_users_own_tests_pass():
                           cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "2 passed" in proc.stdout
+
+
+def test_docs_extending_shows_the_example_files_as_they_are():
+    doc = (REPO / "docs" / "extending.md").read_text()
+    for name in ("clip_states.py", "fused_peak.py", "test_clip_states.py"):
+        assert f"```python\n{(EXAMPLES / name).read_text()}```" in doc, name
