@@ -293,8 +293,7 @@ def test_attribution_equals_finite_differences(turbo, site):
     import copy
 
     from krea_sweeps.interventions import Patch
-    from krea_sweeps.interventions.patch import site_states
-    from krea_sweeps.metrics.tracing import aligned_rows, attribution_grid, distance, site_replaced
+    from krea_sweeps.metrics.tracing import aligned_rows, attribution_grid, distance, site_replaced, site_states
     from krea_sweeps.prompts import Encoded
 
     tp = copy.deepcopy(turbo.text_path).double()
@@ -317,11 +316,8 @@ def test_attribution_equals_finite_differences(turbo, site):
 
     eps = 1e-5
     for k, t in [(0, 0), (6, 4), (11, 2), (3, 7)]:
-        delta = torch.zeros_like(x_b)
-        if site == "slots":
-            delta[0, t, :, k] = x_a[0, t, :, k] - x_b[0, t, :, k]
-        else:
-            delta[0, t, k] = x_a[0, t, k] - x_b[0, t, k]
+        delta = torch.zeros_like(x_b)  # canonical layout at every site: [B, T, 12, D]
+        delta[0, t, k] = x_a[0, t, k] - x_b[0, t, k]
         fd = (r2(x_b + eps * delta) - r2(x_b - eps * delta)) / (2 * eps)
         assert abs(fd - grid[k, t]) <= 1e-6 * max(1.0, abs(fd)), (k, t, fd, grid[k, t])
 

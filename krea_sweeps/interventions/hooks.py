@@ -185,7 +185,9 @@ def attach(site_name: str, op: Op, gates, ctx, *, at: list[int] | None = None,
 
 
 # -------------------------------------------------------------------------------------------------- capture
-class _Always:
+class Always:
+    """Gates that are always open (capture, tracing: not an intervention of the job)."""
+
     @staticmethod
     def active(state) -> bool:
         return True
@@ -209,6 +211,6 @@ def capture(ctx, encoded, site: str, index: int = 0) -> torch.Tensor:
     as currently attached: what reference statistics (ablate mean, steer directions, patch sources) are computed
     from, so they live in the space the edit is applied in."""
     grab = _Grab()
-    with torch.no_grad(), attach(site, grab, _Always(), ctx, at=[index], key="capture"):
+    with torch.no_grad(), attach(site, grab, Always(), ctx, at=[index], key="capture"):
         ctx.text_path(encoded.taps, encoded.mask)
     return grab.seen

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from ..errors import require
-from ..interventions.patch import Patch, site_states, token_alignment
-from ..interventions.sites import NUM_SLOTS, hooked
+from ..interventions.hooks import Always, Op, attach, capture
+from ..interventions.patch import Patch, token_alignment
+from ..interventions.sites import NUM_SLOTS, SITES
 from .base import Metric, MetricOutput
 
 log = logging.getLogger(__name__)
@@ -65,19 +66,33 @@ def token_labels(tokenizer, prompt: str, n: int) -> list[str]:
     return [text[max(a, 0):b].strip() or "␣" for a, b in content_token_spans(tokenizer, prompt, n)]
 
 
+class _SetTo(Op):
+    """The states become `x` (canonical layout; a leaf tensor for the gradient)."""
+
+    name = "set_to"
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def states(self, states, call):
+        return self.x
+
+
+def _context(text_path):
+    from ..interventions import InterventionContext
+
+    return InterventionContext(text_path=text_path)
+
+
+def site_states(text_path, encoded, site: str, block: int = 0) -> torch.Tensor:
+    """The activation at `site` for `encoded` in the canonical layout ([B, T, 12, D], or [B, T, D] at fused)."""
+    return capture(_context(text_path), encoded, site, block)
+
+
 @contextmanager
 def site_replaced(text_path, site: str, x: torch.Tensor, block: int = 0) -> Iterator[None]:
-    """While active, the text path's activation at `site` is `x` (for the gradient: x is a leaf tensor)."""
-    tf = text_path.text_fusion
-    if site == "taps":
-        scope = hooked(tf, lambda m, a, k: ((x, *a[1:]), k), pre=True, with_kwargs=True)
-    elif site == "slots":
-        scope = hooked(tf.projector, lambda m, a: (x, *a[1:]), pre=True)
-    elif site == "block":
-        scope = hooked(tf.layerwise_blocks[block], lambda m, a, o: x.reshape(o.shape))
-    else:
-        scope = hooked(tf, lambda m, a, o: x)
-    with scope:
+    """While active, the text path's activation at `site` is `x` (canonical layout; for the gradient: a leaf)."""
+    with attach(site, _SetTo(x), Always(), _context(text_path), at=[block], key="tracing"):
         yield
 
 
@@ -112,15 +127,13 @@ def single_patch_grid(text_path, patch: Patch, enc_b, enc_a, squared: bool = Fal
         x_a = site_states(text_path, enc_a, site, block)
     d_ba = float(distance(f_b, f_a, rows_b, rows_a))
     n_tokens = min(int(enc_b.content.sum()), int(enc_a.content.sum()))
-    slots = [None] if site == "fused" else list(range(NUM_SLOTS))
+    slots = list(range(NUM_SLOTS)) if SITES[site].has_slots else [None]
     grid = np.full((len(slots), int(enc_b.content.sum())), np.nan)
     for r, k in enumerate(slots):
         for t in range(n_tokens):  # content token t sits at position t in both (trimmed: no padding before it)
             x = x_b.clone()
             if k is None:
                 x[0, t] = x_a[0, t]
-            elif site == "slots":
-                x[0, t, :, k] = x_a[0, t, :, k]
             else:
                 x[0, t, k] = x_a[0, t, k]
             with torch.no_grad(), site_replaced(text_path, site, x, block):
@@ -147,9 +160,8 @@ def attribution_grid(text_path, patch: Patch, enc_b, enc_a) -> np.ndarray:
         f = text_path(enc_b.taps, enc_b.mask)
         r2 = 1.0 - distance(f, f_a, rows_b, rows_a) ** 2 / d_ba2
         (grad,) = torch.autograd.grad(r2, x)
-    terms = (grad.double() * delta.double())[0]  # [T, 12, D] | [T, D, 12] | [T, D]
-    per = {"taps": lambda t: t.sum(-1), "block": lambda t: t.sum(-1), "slots": lambda t: t.sum(-2),
-           "fused": lambda t: t.sum(-1, keepdim=True)}[site](terms)  # [T, slots]
+    terms = (grad.double() * delta.double())[0]  # [T, 12, D], or [T, D] at a site without slots
+    per = terms.sum(-1) if SITES[site].has_slots else terms.sum(-1, keepdim=True)  # [T, slots]
     content = enc_b.content[0].bool().nonzero().flatten()
     n = min(len(content), int(enc_a.content.sum()))
     out = np.full((per.shape[1], len(content)), np.nan)
