@@ -173,10 +173,11 @@ INSTALLERS = {"states": _install_states, "weight": _install_weight, "key_mask": 
 @contextmanager
 def attach(site_name: str, op: Op, gates, ctx, *, at: list[int] | None = None,
            key: str = "intervention") -> Iterator[None]:
-    """Install `op` at `site_name` (at each layerwise block in `at` for per-block sites; default block 0), gated by
+    """Install `op` at `site_name` (at each layerwise block in `at` for per-block sites; default every block), gated by
     `gates.active(state)`, each hook named in `ctx.hooks`; everything is removed on exit, whatever happens."""
     site = check_accepts(site_name, op, f"{key}.site")
-    indices = (list(at) if at is not None else [0]) if site.per_block else [None]
+    every_block = range(len(text_fusion(ctx).layerwise_blocks)) if site.per_block and at is None else ()
+    indices = (list(at) if at is not None else list(every_block)) if site.per_block else [None]
     with ExitStack() as stack:
         for index in indices:
             stack.enter_context(INSTALLERS[site.form](site, op, gates, ctx, index))

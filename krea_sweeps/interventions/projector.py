@@ -29,7 +29,7 @@ from ..errors import ConfigError, require
 from .attention import key_mask
 from .base import Intervention, InterventionContext
 from .hooks import Op
-from .sites import NUM_SLOTS, block_indices, choice, finite, gains_vector, projector, resolve_slot
+from .sites import NUM_SLOTS, choice, finite, gains_vector, projector, resolve_slot
 
 DIFF_KEY = "diffusion_model.txtfusion.projector.diff"  # ComfyUI's `.diff` patch: weight += strength · diff
 PRESETS = {
@@ -106,10 +106,6 @@ class LayerGains(Intervention):
         """Only the sites this kind is documented for (`SITES`), then the op's own acceptance (0/1 at attention)."""
         choice(self.site, self.SITES, "intervention.site")
         super().check_site()
-
-    @property
-    def placement(self) -> tuple[str, list[int] | None]:
-        return self.site, (block_indices(None, "intervention.site") if self.site == "fusion_attention" else None)
 
     def make_op(self) -> Op:
         return Gains(self.multipliers(), renorm=self.rms_renorm)
