@@ -268,8 +268,11 @@ def generate_images(ctx: JobContext, pipe, with_interventions: bool, keys: list[
 
 
 def fit_step(ctx: JobContext) -> None:
-    """The explicit fit before the run (skipped when every intervention is the identity: nothing to learn)."""
-    if any(not i.is_identity for i in ctx.job.interventions):
+    """The explicit fit before the run: what the interventions learn from reference prompts (an identity setting
+    learns too when it has something to report, e.g. steer's pair consistency at strength 0)."""
+    from .interventions import Intervention
+
+    if any(type(i).learn is not Intervention.learn for i in ctx.job.interventions):
         with ctx.timings.phase("fit"):
             ctx.fit_interventions()
 
@@ -300,10 +303,10 @@ def produce_images(ctx: JobContext) -> None:
             for (p, s), image in fresh.items():
                 store_baseline(ctx.session, job, ctx.baseline_keys[f"p{p:02d}_s{s}"], image)
             ctx.baseline_images.update(fresh)
+    fit_step(ctx)  # after the load: references are computed on the very text modules the generation uses
     if job.is_stock:
         ctx.images = dict(ctx.baseline_images)
     else:
-        fit_step(ctx)  # after the load: references are computed on the very text modules the generation uses
         with ctx.timings.phase("generate"):
             ctx.images = generate_images(ctx, pipe, True, keys, f"{job.name[:40]}")
     for (p, s), image in ctx.images.items():
