@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from krea_sweeps.errors import ConfigError
-from krea_sweeps.interventions import (SITES, Ablate, HookRegistry, Intervention, InterventionContext, Knockout,
-                                       Op, Site, Solo, Steer, applied, attach, fit_all, register_site)
+from krea_sweeps.interventions import (SITES, Ablate, HookRegistry, InterventionContext, Knockout, Op, Site, Solo,
+                                       Steer, applied, attach, fit_all, register_site)
 from krea_sweeps.prompts import EncodeCache
 from krea_sweeps.sampler import DenoiseState
 
