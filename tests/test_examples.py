@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_in_process
 from krea_sweeps.prompts import EncodeCache
 
 EXAMPLES = REPO / "examples"
@@ -23,11 +23,12 @@ def test_each_example_is_at_most_30_lines(name):
     assert len((EXAMPLES / name).read_text().splitlines()) <= 30
 
 
-def test_the_examples_run_from_the_command_line_and_do_what_they_say(tmp_path, turbo):
-    proc = run_cli(["conditioning_only=true", "model=turbo", "wandb.mode=disabled", "metrics=[]",
+def test_the_examples_run_from_the_command_line_and_do_what_they_say(tmp_path, monkeypatch, session, turbo):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # what PYTHONPATH=examples does for `python run.py`
+    proc = run_in_process(["conditioning_only=true", "model=turbo", "wandb.mode=disabled", "metrics=[]",
                     "intervention._target_=clip_states.ClipStates", "+intervention.limit=0.05",
                     "+intervention.site=taps", "+metrics.fused_peak={_target_: fused_peak.FusedPeak}"],
-                   tmp_path, env=ENV)
+                   tmp_path, session=session)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [result] = list((tmp_path / "outputs").rglob("result.json"))
     record = json.loads(result.read_text())
@@ -45,9 +46,10 @@ def test_the_examples_run_from_the_command_line_and_do_what_they_say(tmp_path, t
     assert summary["fused_peak/job"] != pytest.approx(summary["fused_peak/stock"], rel=1e-3)
 
 
-def test_an_op_at_a_site_that_does_not_take_it_is_one_line_before_any_load(tmp_path):
-    proc = run_cli(["conditioning_only=true", "model=turbo", "wandb.mode=disabled", "metrics=[]",
-                    "intervention._target_=clip_states.ClipStates", "+intervention.site=projector"], tmp_path, env=ENV)
+def test_an_op_at_a_site_that_does_not_take_it_is_one_line_before_any_load(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    proc = run_in_process(["conditioning_only=true", "model=turbo", "wandb.mode=disabled", "metrics=[]",
+                    "intervention._target_=clip_states.ClipStates", "+intervention.site=projector"], tmp_path)
     assert proc.returncode != 0
     assert "config key `intervention.site`" in proc.stderr and "use one of: taps, slots, block, fused" in proc.stderr
     assert "loading" not in proc.stderr

@@ -59,7 +59,7 @@ def test_each_site_is_declared_once():
     assert set(SITES) >= {"taps", "slots", "projector", "fusion_attention", "block", "fused"}
     assert {s.form for s in SITES.values()} == {"states", "weight", "key_mask"}
     with pytest.raises(ValueError, match="already declared"):
-        register_site(Site("taps", lambda tf, i: tf, "pre", "states"))
+        register_site(Site("taps", lambda ctx, i: ctx.text_path.text_fusion, "pre", "states"))
 
 
 @pytest.mark.parametrize("site", ["taps", "slots", "block", "fused"])

@@ -147,7 +147,7 @@ def _install_states(site: Site, op: Op, gates, ctx, index: int) -> Iterator[None
             return edited(output)
 
     with hooked(tf, record, pre=True, with_kwargs=True), \
-            hooked(site.module(tf, index), hook, pre=site.hook == "pre", with_kwargs=site.hook == "pre"):
+            hooked(site.module(ctx, index), hook, pre=site.hook == "pre", with_kwargs=site.hook == "pre"):
         yield
 
 
@@ -155,7 +155,7 @@ def _install_states(site: Site, op: Op, gates, ctx, index: int) -> Iterator[None
 def _install_weight(site: Site, op: Op, gates, ctx, index: int) -> Iterator[None]:
     from .projector import projector_hook
 
-    with projector_hook(gates, ctx, op.weight, renorm=op.renorm, module=site.module(text_fusion(ctx), index)):
+    with projector_hook(gates, ctx, op.weight, renorm=op.renorm, module=site.module(ctx, index)):
         yield
 
 
@@ -163,7 +163,7 @@ def _install_weight(site: Site, op: Op, gates, ctx, index: int) -> Iterator[None
 def _install_key_mask(site: Site, op: Op, gates, ctx, index: int) -> Iterator[None]:
     from .attention import masked_attention
 
-    with masked_attention(gates, ctx, [site.module(text_fusion(ctx), index)], op.key_mask()):
+    with masked_attention(gates, ctx, [site.module(ctx, index)], op.key_mask()):
         yield
 
 

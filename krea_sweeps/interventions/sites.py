@@ -148,7 +148,8 @@ TOKENS = Layout("[B, T, D]", False, lambda x, call: x, lambda y, x, call: y)
 # ------------------------------------------------------------------------------------------------ the registry
 @dataclass(frozen=True)
 class Site:
-    """One place on the text path an op can act: `module(text_fusion, index)` finds it, `hook` is `pre` (the
+    """One place an op can act: `module(ctx, index)` finds it from the `InterventionContext` (the text path's
+    modules today; a DiT site would find the transformer's the same way), `hook` is `pre` (the
     module's first input) or `forward` (its output), `form` is what an op must provide there (`states`, `weight`
     or `key_mask`), `layout` how states look there (None for weight/key-mask sites), `per_block`: addressed by
     layerwise block index."""
@@ -166,8 +167,8 @@ class Site:
         return self.layout is None or self.layout.has_slots
 
 
-def _block(tf, index: int):
-    blocks = tf.layerwise_blocks
+def _block(ctx, index: int):
+    blocks = text_fusion(ctx).layerwise_blocks
     require(0 <= index < len(blocks), "intervention.blocks", f"block {index} does not exist (the model has "
             f"{len(blocks)})", f"give indices 0–{len(blocks) - 1}")
     return blocks[index]
@@ -184,17 +185,17 @@ def register_site(site: Site) -> Site:
     return site
 
 
-register_site(Site("taps", lambda tf, i: tf, "pre", "states", TOKENS_SLOTS_DIM,
+register_site(Site("taps", lambda ctx, i: text_fusion(ctx), "pre", "states", TOKENS_SLOTS_DIM,
                    doc="the 12 encoder hidden states entering text_fusion"))
-register_site(Site("slots", lambda tf, i: tf.projector, "pre", "states", TOKENS_DIM_SLOTS,
+register_site(Site("slots", lambda ctx, i: text_fusion(ctx).projector, "pre", "states", TOKENS_DIM_SLOTS,
                    doc="the projector's inputs, after the layerwise blocks"))
-register_site(Site("projector", lambda tf, i: tf.projector, "forward", "weight",
+register_site(Site("projector", lambda ctx, i: text_fusion(ctx).projector, "forward", "weight",
                    doc="the [1, 12] projector weight, applied at call time"))
-register_site(Site("fusion_attention", lambda tf, i: _block(tf, i).attn, "pre", "key_mask", per_block=True,
+register_site(Site("fusion_attention", lambda ctx, i: _block(ctx, i).attn, "pre", "key_mask", per_block=True,
                    doc="the layerwise blocks' attention over the 12 slots"))
 register_site(Site("block", _block, "forward", "states", FOLDED_TOKENS, per_block=True,
                    doc="one layerwise block's output"))
-register_site(Site("fused", lambda tf, i: tf, "forward", "states", TOKENS,
+register_site(Site("fused", lambda ctx, i: text_fusion(ctx), "forward", "states", TOKENS,
                    doc="the text features after the refiner blocks"))
 
 # ------------------------------------------------------------------------------------------------------- modules
