@@ -234,7 +234,7 @@ def test_patch_all_generates_the_clean_image(turbo, fast):
 
 def test_patch_token_span_replaces_exactly_those_positions(turbo):
     from krea_sweeps.interventions import Patch
-    from krea_sweeps.interventions.patch import site_states
+    from krea_sweeps.metrics.tracing import site_states  # canonical layout: [B, T, 12, D] at slots too
 
     ctx = context(turbo, CORRUPTED)
     b, a = enc(turbo, CORRUPTED[:1]), enc(turbo, CLEAN[:1])
@@ -248,8 +248,8 @@ def test_patch_token_span_replaces_exactly_those_positions(turbo):
         turbo.text_path(b.taps, b.mask)
         h.remove()
     expected = x_b.clone()
-    expected[0, 4:6][..., [3, 6]] = x_a[0, 4:6][..., [3, 6]]  # same user-text ranks: no padding before the content
-    assert torch.equal(seen["x"], expected)
+    expected[0, 4:6, [3, 6]] = x_a[0, 4:6, [3, 6]]  # same user-text ranks: no padding before the content
+    assert torch.equal(seen["x"].transpose(-1, -2), expected)  # the projector's own input is [B, T, D, 12]
 
 
 def test_restoration_and_attribution_cli(cli):

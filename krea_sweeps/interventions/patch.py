@@ -27,7 +27,7 @@ import torch
 from ..errors import require
 from .base import Intervention, InterventionContext
 from .hooks import Op, capture
-from .sites import NUM_LAYERWISE_BLOCKS, NUM_SLOTS, SITES, PromptRows, choice, layer_of, slot_indices, valid_columns
+from .sites import NUM_LAYERWISE_BLOCKS, NUM_SLOTS, PromptRows, choice, layer_of, slot_indices, valid_columns
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,6 @@ def token_alignment(content_b: int, valid_b: int, content_a: int, valid_a: int) 
     suffix_b, suffix_a = valid_b - content_b, valid_a - content_a
     pairs += [(content_b + j, content_a + j) for j in range(min(suffix_b, suffix_a))]
     return pairs
-
-
-def site_states(text_path, encoded, site: str, block: int = 0) -> torch.Tensor:
-    """The activation at `site` for `encoded` in the site's own layout — [B, T, 12, D] (taps, block), [B, T, D, 12]
-    (slots) or [B, T, D] (fused) — through `text_path` with whatever hooks are attached."""
-    from .base import InterventionContext
-
-    x = capture(InterventionContext(text_path=text_path), encoded, site, block)
-    return x.transpose(-1, -2) if SITES[site].layout.name == "[B, T, D, 12]" else x
 
 
 class PatchOp(Op):
