@@ -110,12 +110,18 @@ def run_entry_point():
     return sys.modules["run"]
 
 
+class FastExitInTest(BaseException):
+    """`os._exit` reached during an in-process run: a BaseException, so no `except Exception` (the runner's failed-job
+    handler, Hydra's error report) turns it into an ordinary failure."""
+
+
 def run_in_process(args: list[str], cwd: Path, env: dict | None = None, session=None) -> subprocess.CompletedProcess:
     """What `python run.py ARGS` does in `cwd` — preflight, Hydra (run or multirun, the basic launcher runs the jobs
     here), the runner, the exit code — without paying a new interpreter's imports (~5 s a run). Isolated like a new
     process: a fresh `Session` (or `session`, for tests about reuse), Hydra's global state cleared, cwd, argv,
-    environment (`env`: values to set, None to unset) and logging restored after; stdout/stderr captured. `SystemExit` becomes the return code; run.py's
-    `os._exit` fast exit is never reached (only its `__main__` block calls it)."""
+    environment (`env`: values to set, None to unset) and logging restored after; stdout/stderr captured.
+    `SystemExit` becomes the return code; run.py's `os._exit` fast exit is never reached (only its `__main__` block
+    calls it; any `os._exit` in this process while the run lasts fails the test instead of ending pytest)."""
     from hydra.core.global_hydra import GlobalHydra
 
     from krea_sweeps import session as sessions
@@ -128,7 +134,15 @@ def run_in_process(args: list[str], cwd: Path, env: dict | None = None, session=
     saved_handlers, saved_level = root.handlers[:], root.level
     out, err = io.StringIO(), io.StringIO()
     code = 0
+    real_exit, test_pid = os._exit, os.getpid()
+
+    def no_exit(status):  # a forked child (not this process) may still leave the way it means to
+        if os.getpid() != test_pid:
+            real_exit(status)
+        raise FastExitInTest(f"os._exit({status}) called inside the test process by `run.py {' '.join(args)}`")
+
     try:
+        os._exit = no_exit
         os.environ.pop("WANDB_API_KEY", None)
         for k, v in overrides.items():
             if v is None:
@@ -147,6 +161,7 @@ def run_in_process(args: list[str], cwd: Path, env: dict | None = None, session=
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)
     finally:
+        os._exit = real_exit
         os.chdir(saved_cwd)
         GlobalHydra.instance().clear()
         sessions._PROCESS[:] = saved_process

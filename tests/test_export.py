@@ -138,7 +138,7 @@ def test_export_reads_diffusers_names_and_rejects_non_krea(tmp_path):
 
 
 def test_module_entry_point(tmp_path, monkeypatch):
-    """`python -m krea_sweeps.export …`: the module's `__main__` block, run here with that argv (runpy, as -m does)."""
+    """`python -m krea_sweeps.export …`: the module's `__main__` block, run here with that argv (runpy, as -m)."""
     import runpy
 
     monkeypatch.setattr(sys, "argv", ["krea_sweeps.export", "--checkpoint", synthetic_checkpoint("raw"),
