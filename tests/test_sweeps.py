@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_in_process
+from conftest import run_cli as run_process
 
 from krea_sweeps.errors import ConfigError
 
@@ -293,10 +294,12 @@ def test_failed_job_is_recorded_others_finish_and_rerun_runs_only_it(tmp_path):
 
 
 def test_fail_fast_stops_at_the_first_failure(tmp_path):
+    """A real process: a failed job's exit code (1) survives run.py's fast exit."""
     marker = tmp_path / "bug"
     marker.touch()
-    proc = run_cli(["-m", "seeds=0,1,2", "fail_fast=true", *fault_args(marker)], tmp_path, env=env())
-    assert proc.returncode != 0
+    proc = run_process(["-m", "seeds=0,1,2", "fail_fast=true", *fault_args(marker)], tmp_path, env=env())
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "fail_fast: stopped at the first failed job" in proc.stderr
     sweep = tmp_path / "outputs" / "default"
     assert len(results(sweep)) == 1 and len(list(sweep.glob("*/failed.json"))) == 1
     assert len([d for d in sweep.iterdir() if (d / ".hydra").exists()]) == 2, "nothing ran after the failure"
