@@ -176,3 +176,32 @@ def _safetensors_header_digest(path: Path) -> str | None:
 
 def digest_json(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_yaml(node) -> str:
+    """`OmegaConf.to_yaml(node)`, byte for byte, through libyaml's emitter when PyYAML has it (3–4× faster: the job
+    and Hydra records of every job are written with it). The string representer is OmegaConf's own: strings that
+    read as bools or numbers are quoted."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    dumper = _libyaml_dumper()
+    if dumper is None:
+        return OmegaConf.to_yaml(node)
+    data = OmegaConf.to_container(node, resolve=False, enum_to_str=True)
+    return yaml.dump(data, Dumper=dumper, default_flow_style=False, allow_unicode=True, sort_keys=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _libyaml_dumper():
+    import yaml
+    from omegaconf._utils import OmegaConfDumper
+
+    if not getattr(yaml, "__with_libyaml__", False):
+        return None
+
+    class Dumper(yaml.CSafeDumper):
+        pass
+
+    Dumper.add_representer(str, OmegaConfDumper.str_representer)
+    return Dumper

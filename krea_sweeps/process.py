@@ -17,52 +17,104 @@ THREADS_ENV = "KREA_SWEEPS_TORCH_THREADS"
 
 
 # ------------------------------------------------------------------------------------------------------- imports
+# module → functions that other packages import from it at their import time but call only in code paths a run
+# never takes: served as forwarding functions so that the import itself does not load the module.
+DEFERRED_MODULES = {
+    # diffusers' flow-match scheduler imports scipy.stats at module top for `use_beta_sigmas`, which Krea 2 never sets.
+    "scipy.stats": (),
+    # transformers' object-detection losses (loaded with every model through modeling_utils → loss_utils) import
+    # `linear_sum_assignment` for Hungarian matching in DETR-like training.
+    "scipy.optimize": ("linear_sum_assignment",),
+}
+
+
 def defer_unused_imports() -> None:
-    """Make `scipy.stats` load on first use instead of at import. diffusers' flow-match scheduler imports it at module
-    top for `use_beta_sigmas`, which Krea 2 never sets (~0.4 s of every start-up, more on a loaded machine).
+    """Make `scipy.stats` and `scipy.optimize` load on first use instead of at import (~0.4 s and ~0.8 s of every
+    start-up, more on a loaded machine): see `DEFERRED_MODULES` for who imports them and why they go unused.
 
     importlib's LazyLoader is not enough: Hydra walks `sys.modules` with `inspect` (`hasattr(m, "__file__")`), and any
     attribute access loads a lazy module. `_Deferred` answers the module-identity dunders itself and imports the real
     module on the first other attribute (`scipy.stats.beta`, `from scipy.stats import x`), then takes itself out of
-    `sys.modules` and `scipy`. `torch._dynamo` (imported and used by diffusers' torch_utils at import) stays: deferring
-    it is not safe."""
+    `sys.modules` and `scipy`; the names in `DEFERRED_MODULES` are handed out as functions that import the module
+    when called. `torch._dynamo` (imported and used by diffusers' torch_utils at import, and by transformers'
+    `torch.compiler.disable` decorators) stays: deferring it is not safe."""
     import importlib.util
 
-    name = "scipy.stats"
-    if name in sys.modules:
-        return
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return
-    if spec is None:
-        return
-    placeholder = _Deferred(name, spec)
-    sys.modules[name] = placeholder
-    setattr(sys.modules["scipy"], "stats", placeholder)
+    for name, callables in DEFERRED_MODULES.items():
+        if name in sys.modules:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is None:
+            continue
+        placeholder = _Deferred(name, spec, callables)
+        parent, _, child = name.rpartition(".")
+        sys.modules[name] = placeholder
+        setattr(sys.modules[parent], child, placeholder)
 
 
 class _Deferred(types.ModuleType):
     """A stand-in for a module not imported yet: see `defer_unused_imports`."""
 
-    def __init__(self, name: str, spec) -> None:
+    def __init__(self, name: str, spec, callables=()) -> None:
         super().__init__(name)
         self.__spec__, self.__loader__, self.__file__ = spec, spec.loader, spec.origin
         self.__path__ = list(spec.submodule_search_locations or [])
         self.__package__ = name
+        for attr in callables:
+            setattr(self, attr, _forwarding(name, attr))
 
     def __getattr__(self, attr: str):
         if attr.startswith("__") and attr.endswith("__") and attr != "__all__":
             raise AttributeError(attr)
-        import importlib
+        return getattr(_load_deferred(self.__name__), attr)
 
-        name = self.__name__
-        parent, _, child = name.rpartition(".")
-        if sys.modules.get(name) is self:
-            del sys.modules[name]
+
+def _load_deferred(name: str):
+    """The real module `name`, imported now (the placeholder steps aside first)."""
+    import importlib
+
+    module = sys.modules.get(name)
+    if isinstance(module, _Deferred):
+        del sys.modules[name]
         real = importlib.import_module(name)
+        parent, _, child = name.rpartition(".")
         setattr(sys.modules[parent], child, real)
-        return getattr(real, attr)
+        return real
+    return module if module is not None else importlib.import_module(name)
+
+
+def _forwarding(module: str, attr: str):
+    def call(*args, **kwargs):
+        return getattr(_load_deferred(module), attr)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = attr
+    call.__doc__ = f"`{module}.{attr}`, imported on first call (krea_sweeps.process.defer_unused_imports)."
+    return call
+
+
+def skip_unstaged_wandb_launch_inputs() -> None:
+    """Stop every `wandb.init` of this process from importing W&B Launch (~0.7 s, its whole agent and public API) to
+    apply "staged launch inputs": they can only have been staged through `wandb.sdk.launch.inputs.internal` (W&B
+    Launch's `manage_config_file` / `manage_wandb_config`), so when that module was never imported there is nothing
+    to apply. When it was, W&B's own method runs unchanged."""
+    try:
+        from wandb.sdk import wandb_run
+    except ImportError:
+        return
+    run_class = wandb_run.Run
+    original = getattr(run_class, "_detect_and_apply_job_inputs", None)
+    if original is None or getattr(original, "_krea_sweeps_lazy", False):
+        return
+
+    def detect_and_apply_job_inputs(self) -> None:
+        if "wandb.sdk.launch.inputs.internal" in sys.modules:
+            original(self)
+
+    detect_and_apply_job_inputs._krea_sweeps_lazy = True
+    run_class._detect_and_apply_job_inputs = detect_and_apply_job_inputs
 
 
 # ------------------------------------------------------------------------------------------------------- threads

@@ -91,7 +91,7 @@ def clear_job_folder(job_dir: Path) -> None:
 def write_hydra_record(job_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | None) -> None:
     """What Hydra would have written to `.hydra/` before the task (`hydra.output_subdir: null` stops it, so a run
     rejected at planning cannot overwrite a finished job's record): written once the job is planned."""
-    from .files import atomic_write
+    from .files import atomic_write, config_yaml
 
     files = {"config.yaml": cfg}
     if hydra_cfg is not None:
@@ -99,7 +99,7 @@ def write_hydra_record(job_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | N
         files["overrides.yaml"] = OmegaConf.select(hydra_cfg, "overrides.task", default=None) or []
     for name, node in files.items():
         with atomic_write(job_dir / ".hydra" / name) as tmp:
-            OmegaConf.save(node if OmegaConf.is_config(node) else OmegaConf.create(node), tmp)
+            tmp.write_text(config_yaml(node if OmegaConf.is_config(node) else OmegaConf.create(node)), encoding="utf-8")
 
 
 ABORTED_WANDB = "wandb-aborted"  # outside `<job>/wandb/`, so `wandb sync outputs/<name>/*/wandb/offline-run-*` skips it

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError, did_you_mean, require, require_choice
 from .plan import SWEPT_KEYS_ENV, register_resolvers
@@ -203,7 +203,7 @@ def check_sweep(config: DictConfig) -> None:
     jobs = [first]
     for k, values in axes.items():
         jobs += [{**first, k: v} for v in values[1:]]
-    loader = GlobalHydra.instance().config_loader()
+    loader = ComposeOnce(GlobalHydra.instance().config_loader())
     for job in jobs:
         job_overrides = fixed + [f"{k}={v}" for k, v in job.items()]
         where = " ".join(f"{k}={v}" for k, v in job.items())
@@ -374,6 +374,69 @@ def batch_axes_of(config: DictConfig) -> list[str]:
     return [str(a) for a in (OmegaConf.select(config, "sweep.batch_axes", default=None) or [])]
 
 
+class ComposeOnce:
+    """Hydra's config loader for a sweep's jobs, composing the defaults list once instead of once per job.
+
+    Hydra composes each job from scratch (defaults list, every YAML file, merges: ~0.1 s on a 2-core CPU, a third of
+    a conditioning-only job). Jobs that differ from an already composed one only in plain value overrides
+    (`intervention.slot=3`: no `+`/`~`, no config group, no dict value, no `hydra.*` key) get a copy of that job's
+    config with the differing overrides applied by Hydra's own `_apply_overrides_to_config` — the step that applies
+    value overrides after composition — and `hydra.overrides.task` / `hydra.job.override_dirname` set as Hydra sets
+    them. Anything else (another group choice, another set of keys) is composed by Hydra as before. Equality with
+    Hydra's composition: `tests/test_speed.py::test_compose_once_equals_hydra`. Other attributes are the loader's."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.template = None  # (parsed overrides, composed config) of the last job Hydra composed
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        lines = [str(o) for o in OmegaConf.to_container(master_config.hydra.overrides.hydra)] + list(sweep_overrides)
+        parsed = OverridesParser.create().parse_overrides(lines)
+        changed = self._value_changes(parsed) if self.template is not None else None
+        if changed is None:
+            cfg = self.loader.load_sweep_config(master_config, list(sweep_overrides))
+            self.template = (parsed, copy.deepcopy(cfg))
+            return cfg
+        cfg = copy.deepcopy(self.template[1])
+        ConfigLoaderImpl._apply_overrides_to_config(changed, cfg)
+        task = [o for o in parsed if not o.is_hydra_override()]
+        dirname = cfg.hydra.job.config.override_dirname
+        with open_dict(cfg.hydra):
+            cfg.hydra.overrides.task = [o.input_line for o in task]
+            cfg.hydra.job.override_dirname = get_overrides_dirname(
+                overrides=task, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys)
+        OmegaConf.copy_cache(from_config=master_config, to_config=cfg)
+        return cfg
+
+    def _value_changes(self, parsed: list) -> list | None:
+        """The overrides in which `parsed` differs from the template's, when all are plain value changes; else None."""
+        from hydra.core.override_parser.types import OverrideType
+
+        before = self.template[0]
+        if len(before) != len(parsed):
+            return None
+        changed = []
+        for old, new in zip(before, parsed):
+            if old.input_line == new.input_line:
+                continue
+            if (old.key_or_group != new.key_or_group or old.package is not None or new.package is not None
+                    or old.type != OverrideType.CHANGE or new.type != OverrideType.CHANGE
+                    or new.is_sweep_override() or new.is_hydra_override()
+                    or isinstance(new.value(), dict) or isinstance(old.value(), dict)
+                    or self.loader.repository.group_exists(new.key_or_group)):
+                return None
+            changed.append(new)
+        return changed
+
+
 class PlannedSweeper(BasicSweeper):
     """Hydra's basic sweeper (same grid, same job order, same overrides per job) with two differences:
 
@@ -398,6 +461,16 @@ class PlannedSweeper(BasicSweeper):
         self.hydra_context = None
         self.config = None
         self.launcher = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        """Hydra's setup, then the basic launcher (jobs in this process) composes through `ComposeOnce`."""
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+        from hydra.types import HydraContext
+
+        BasicSweeper.setup(self, hydra_context=hydra_context, task_function=task_function, config=config)
+        if type(self.launcher).__name__ == BasicLauncher.__name__:  # (a plugin scan can re-import the class)
+            self.launcher.hydra_context = HydraContext(config_loader=ComposeOnce(hydra_context.config_loader),
+                                                       callbacks=hydra_context.callbacks)
 
     def validate_batch_is_legal(self, batch) -> None:
         """Already done by SweepGuard (see the class docstring)."""

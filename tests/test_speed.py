@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 import pytest
 
 GRID = ["-m", "intervention=solo", "intervention.slot=0,1,2", "intervention.strength=0.5,1",
@@ -144,13 +145,73 @@ def test_torch_threads_default_and_overrides(monkeypatch):
         torch_threads_for("auto", synthetic=True, device="cpu")
 
 
-def test_scipy_stats_is_deferred_not_broken():
+def test_unused_scipy_is_deferred_not_broken():
     import subprocess
     import sys
 
     code = ("import sys; from krea_sweeps.process import defer_unused_imports; defer_unused_imports(); "
             "import diffusers.schedulers.scheduling_flow_match_euler_discrete as s; "
-            "assert 'scipy.stats._stats_py' not in sys.modules; "
-            "assert abs(s.scipy.stats.beta.ppf(0.5, 2, 2) - 0.5) < 1e-12; print('ok')")
+            "import transformers.loss.loss_for_object_detection as d; "
+            "assert 'scipy.stats._stats_py' not in sys.modules, 'stats'; "
+            "assert 'scipy.optimize._optimize' not in sys.modules, 'optimize'; "
+            "assert d.linear_sum_assignment([[1, 0], [0, 1]])[1].tolist() == [1, 0]; "
+            "import scipy.optimize; assert scipy.optimize.linear_sum_assignment.__module__.startswith('scipy'); "
+            "assert abs(s.scipy.stats.beta.ppf(0.5, 2, 2) - 0.5) < 1e-12; "
+            "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_compose_once_equals_hydra():
+    """A sweep's jobs composed once (ComposeOnce: a copy of a composed job + the value overrides that differ) equal
+    Hydra composing each from scratch; group changes, added keys and dict values are composed by Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from krea_sweeps.plan import register_resolvers
+    from krea_sweeps.sweeps import ComposeOnce
+
+    register_resolvers()
+    base = ["intervention=solo", "metrics=[projector,cond_shift]", "name=grid"]
+    jobs = [[*base, "intervention.slot=0", "intervention.strength=0.5"],
+            [*base, "intervention.slot=3", "intervention.strength=0.5"],
+            [*base, "intervention.slot=11", "intervention.strength=1"],
+            [*base, "intervention.slot=3", "intervention.strength=${intervention.slot}"],  # interpolation, as Hydra
+            ["intervention=leave_one_out", *base[1:], "intervention.slot=3", "intervention.strength=0.5"],  # group: Hydra
+            [*base, "intervention.slot=2", "intervention.strength=0.5"],
+            [*base, "intervention.slot=2", "intervention.strength=0.5", "+extra.key=1"]]  # other keys: Hydra
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        master = compose("config", base, return_hydra_config=True)
+        loader = GlobalHydra.instance().config_loader()
+        once = ComposeOnce(loader)
+        reused = 0
+        for overrides in jobs:
+            template = once.template
+            fast = once.load_sweep_config(master, overrides)
+            reused += once.template is template
+            slow = loader.load_sweep_config(master, overrides)
+            assert OmegaConf.to_container(fast) == OmegaConf.to_container(slow), overrides
+            assert all(OmegaConf.to_container(fast[k], resolve=True) == OmegaConf.to_container(slow[k], resolve=True)
+                       for k in slow if k != "hydra" and OmegaConf.is_config(slow[k]))
+            assert OmegaConf.is_struct(fast) == OmegaConf.is_struct(slow)
+        assert reused == 3  # jobs 2, 3, 4 and 6 … minus the one after the group change (composed by Hydra)
+        # a value the config rejects (typed configs) fails the same way on both paths
+        bad = [*base, "intervention.slot=0", "intervention.strength=oops"]
+        outcomes = []
+        for load in (once.load_sweep_config, loader.load_sweep_config):
+            try:
+                outcomes.append(OmegaConf.to_container(load(master, bad)))
+            except Exception as e:
+                outcomes.append((type(e), str(e)))
+        assert outcomes[0] == outcomes[1]
+
+
+def test_config_yaml_is_omegaconf_to_yaml():
+    """The job records (.hydra/*.yaml) are written through libyaml: byte for byte what OmegaConf writes."""
+    from krea_sweeps.files import config_yaml
+
+    node = OmegaConf.create({"a": "yes", "b": "1e5", "c": "0.5", "d": [1, "2", None, True], "e": "${a}",
+                             "f": {"g": "ünïcode: text, with [brackets]", "h": 1.5e-7, "i": "null", "j": ""},
+                             "k": "multi\nline", "l": "'quoted'", "m": "on"})
+    assert config_yaml(node) == OmegaConf.to_yaml(node)
+    assert config_yaml(OmegaConf.create(["x=1", "y=[1,2]"])) == OmegaConf.to_yaml(OmegaConf.create(["x=1", "y=[1,2]"]))
