@@ -144,7 +144,7 @@ def run_batch(job: Job, cfg: DictConfig, hydra_cfg: DictConfig, session):
     tracker.start(job_dir=job.job_dir, name=f"batch {','.join(a.split('.')[-1] for a in axes)} · {job.name}",
                   group=job.group, job_type=job.experiment, tags=tags_for(job) + ["batched"],
                   config={**base_config, "batch": {"axes": axes, "configs": len(configs)}})
-    table, statuses = [], {}
+    table, statuses, shared = [], {}, {}
     failed = True
     try:
         with interrupt_guard():
@@ -161,11 +161,16 @@ def run_batch(job: Job, cfg: DictConfig, hydra_cfg: DictConfig, session):
         tracker.log_table("configs", table)
     finally:
         tracker.finish(failed=failed)
+        from .files import sync_all
+
+        sync_all()  # every config's files at once: one sync, not four fsyncs a config
     from .task import write_json_atomic
+
 
     write_json_atomic(job.job_dir / "batch.json", {
         "axes": axes, "configs": [{"dir": c.job.name, "values": c.values, "status": statuses.get(c.job.name)}
                                   for c in configs],
+        "shared_upstream": shared.get("shared_upstream", 0),
         "timings": {**timings, "total": time.perf_counter() - t0}, "wandb": tracker.where()})
     log.info("batch %s: %d configs in %.2fs (%s)", job.name, len(configs), time.perf_counter() - t0,
              ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
@@ -220,6 +225,7 @@ def run_config(config: BatchConfig, shared: dict, base_config: dict, tracker) ->
     t0 = time.perf_counter()
     try:
         with ctx.timings.phase("metrics"), torch.no_grad():
+            share_upstream(ctx, shared)
             summary, rows, _ = measure(ctx)
     except Exception as e:
         write_json_atomic(failed_file, {"status": "failed", "job": job_info, "error": f"{type(e).__name__}: {e}",
@@ -235,8 +241,23 @@ def run_config(config: BatchConfig, shared: dict, base_config: dict, tracker) ->
               "summary": summary, "rows": rows, "images": [], "timings": {**ctx.timings,
                                                                          "total": time.perf_counter() - t0},
               "compiled_blocks": None, "interventions": [i.describe() for i in job.interventions]}
-    write_json_atomic(result_file, record)
+    write_json_atomic(result_file, record, durable=False)  # synced with the batch's other files (run_batch)
     return "done", summary
+
+
+def share_upstream(ctx, shared: dict) -> None:
+    """A config that edits the projector only gets its text-path trace from the batch's shared stock upstream (the
+    layerwise blocks run once per prompt, not once per config; bit-identical: `metrics.trace`)."""
+    from .metrics.trace import edits_projector_only, projector_edit_trace, projector_upstream, requested_parts
+
+    parts = requested_parts(ctx)
+    if ctx.job.is_stock or not edits_projector_only(ctx.job) or not parts <= {"fusion_attention", "normed"}:
+        return
+    key = ("projector_upstream", parts)
+    if key not in shared:
+        shared[key] = projector_upstream(ctx, parts)
+    ctx.cache[("text_trace", True)] = projector_edit_trace(ctx, shared[key], parts)
+    shared["shared_upstream"] = shared.get("shared_upstream", 0) + 1
 
 
 def write_overrides(job_dir: Path, overrides: list[str]) -> None:
@@ -245,5 +266,5 @@ def write_overrides(job_dir: Path, overrides: list[str]) -> None:
 
     from .files import atomic_write
 
-    with atomic_write(job_dir / ".hydra" / "overrides.yaml") as tmp:
+    with atomic_write(job_dir / ".hydra" / "overrides.yaml", durable=False) as tmp:
         tmp.write_text(yaml.safe_dump(overrides, default_flow_style=False))

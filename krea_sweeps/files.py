@@ -47,9 +47,11 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
+def atomic_write(path: Path, durable: bool = True) -> Iterator[Path]:
     """Yield a uniquely named temporary sibling of `path` (same suffix, so writers that infer the format still can);
-    after the body succeeds it is fsynced and renamed into place. Nothing is left behind when the body fails."""
+    after the body succeeds it is fsynced and renamed into place. Nothing is left behind when the body fails.
+    `durable=False` skips the two fsyncs (still all-or-nothing for readers): for many small files that the caller
+    flushes together afterwards (`sync_all`), as a batched sweep does for its configs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -57,11 +59,19 @@ def atomic_write(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        _fsync(tmp)
+        if durable:
+            _fsync(tmp)
         tmp.replace(path)
-        _fsync(path.parent)
+        if durable:
+            _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sync_all() -> None:
+    """Flush every written file to disk at once (one `sync` instead of an fsync per file and folder)."""
+    if hasattr(os, "sync"):
+        os.sync()
 
 
 @contextmanager

@@ -285,6 +285,8 @@ class LoadedModel:
         return (part, source, str(self.device), str(self.dtype), *extra)
 
     def _cached(self, key: tuple, build):
+        if key in self.cache.parts:  # resident: no estimate (it reads the checkpoint headers: ~1 ms per access)
+            return self.cache.get(key, build)
         return self.cache.get(key, build, self._estimate_bytes(key[0]))
 
     def _estimate_bytes(self, part: str) -> int:

@@ -33,8 +33,8 @@ SYNTHETIC_WARNING = ("synthetic Krea 2 (tiny, random weights; real tokenizer and
 
 
 # --------------------------------------------------------------------------------------------------- file helpers
-def write_json_atomic(path: Path, data: dict) -> None:
-    with atomic_write(path) as tmp:
+def write_json_atomic(path: Path, data: dict, durable: bool = True) -> None:
+    with atomic_write(path, durable) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=_json_default))
 
 

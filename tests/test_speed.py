@@ -55,6 +55,8 @@ def test_batched_sweep_equals_one_job_per_config(tmp_path):
 
     # one W&B run for the batch, one table row per config
     (batch_dir,) = [d for d in (tmp_path / "batched" / "outputs" / "grid").iterdir() if d.name.startswith("_batch")]
+    # the solo configs (projector site) shared the batch's stock upstream: their traces ran projector + refiners only
+    assert json.loads((batch_dir / "batch.json").read_text())["shared_upstream"] == 6
     (run_dir,) = offline_runs(batch_dir)
     run = read_run(run_dir)
     assert run["summary"]["batch/configs"] == 6 and run["exit_code"] == 0

@@ -96,9 +96,10 @@ def stock_memo(ctx) -> TextTrace | None:
 
 
 @torch.no_grad()
-def trace_prompt(ctx, encoded, intervened: bool, parts: frozenset) -> PromptTrace:
+def trace_prompt(ctx, encoded, intervened: bool, parts: frozenset, upstream: dict | None = None) -> PromptTrace:
     """One prompt's pass on its valid tokens only (the padding trimmed: exact in math — the layerwise blocks work per
-    token and the refiners have no positions, pads being masked keys only — and 1/10 of the work at 512 tokens)."""
+    token and the refiners have no positions, pads being masked keys only — and 1/10 of the work at 512 tokens).
+    `upstream` receives the projector's input as the text path passed it and the refiners' mask (`ProjectorUpstream`)."""
     from ..sampler import trim_padding
 
     encoded = trim_padding(encoded)
@@ -135,6 +136,9 @@ def trace_prompt(ctx, encoded, intervened: bool, parts: frozenset) -> PromptTrac
             with _hook(text_path.txt_in.norm.register_forward_hook(keep("normed"))):
                 text_path.txt_in(fused)
 
+    if upstream is not None:
+        upstream.update(slots=seen["slots"], content=encoded.content[0],
+                    text_mask=encoded.mask[:, None, None, :] if encoded.mask is not None else None)
     mask = encoded.mask[0].bool()
     content = encoded.content[0]  # the user text alone (each row's own tail length: see prompts.content_mask)
     T = mask.shape[0]
@@ -161,3 +165,74 @@ def _hook(handle):
         yield handle
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------------------------- configs sharing the upstream
+# A projector-site gain edit (solo, leave-one-out, rebalance, tap gains at site=projector) hooks the projector only:
+# everything upstream of it — the taps, the layerwise blocks and their attention — is the stock pass's. A batch of
+# such configs (`krea_sweeps.batch`) runs that part once per prompt and each config only the projector (with its
+# edit) and the refiners: the same modules on the same tensors at the same batch size as its own full pass, so its
+# trace is bit-identical (tests/test_speed.py compares every summary, row and array).
+
+
+@dataclass
+class ProjectorUpstream:
+    """One prompt's stock pass up to the projector: its trace, the projector's input and the refiners' mask."""
+
+    stock: PromptTrace
+    slots: torch.Tensor  # [1, T, D, 12] as text_fusion passes it to the projector (the same view: same kernels)
+    content: torch.Tensor  # [T] bool on the model's device
+    text_mask: torch.Tensor | None
+
+
+def edits_projector_only(job) -> bool:
+    """Whether every intervention of `job` hooks the projector and nothing else (LayerGains at site=projector)."""
+    from ..interventions.projector import LayerGains
+
+    return bool(job.interventions) and all(type(i).attach is LayerGains.attach and i.site == "projector"
+                                           for i in job.interventions)
+
+
+def projector_upstream(ctx, parts: frozenset) -> list[ProjectorUpstream]:
+    """The stock pass of each of the job's prompts, keeping what `projector_edit_trace` starts from."""
+    out = []
+    for i in range(len(ctx.job.prompts)):
+        kept: dict = {}
+        stock = trace_prompt(ctx, ctx.encoded.index(i), False, parts, kept)
+        out.append(ProjectorUpstream(stock, kept["slots"], kept["content"], kept["text_mask"]))
+    return out
+
+
+@torch.no_grad()
+def projector_edit_trace(ctx, upstream: list[ProjectorUpstream], parts: frozenset) -> TextTrace:
+    """`text_trace(ctx)` for a job whose interventions edit the projector only (`edits_projector_only`), from the
+    shared stock upstream: the projector (hooks and all) and the refiners run; the rest is the stock pass's."""
+    require_parts = parts - {"fusion_attention", "normed"}
+    if require_parts:
+        raise ValueError(f"projector_edit_trace cannot record {sorted(require_parts)}")
+    text_path = ctx.text_path
+    tf = text_path.text_fusion
+    traces = []
+    with ctx.intervened():
+        weight = tf.projector.weight.detach().reshape(-1).clone()
+        for up in upstream:
+            projected = tf.projector(up.slots)
+            hidden = projected.squeeze(-1)
+            for block in tf.refiner_blocks:
+                hidden = block(hidden, attention_mask=up.text_mask)
+            normed = None
+            if "normed" in parts:
+                seen = {}
+                handle = text_path.txt_in.norm.register_forward_hook(lambda m, a, o: seen.update(normed=o))
+                with _hook(handle):
+                    text_path.txt_in(hidden)
+                normed = seen["normed"]
+            stock, content = up.stock, up.content
+            T = stock.mask.shape[0]
+            traces.append(PromptTrace(
+                mask=stock.mask, content=stock.content, taps=stock.taps, slots=stock.slots,
+                projected=projected.reshape(1, T, -1)[0][content].float().cpu(), weight=weight.float().cpu(),
+                fused=hidden[0][content].float().cpu(),
+                normed=normed[0][content].float().cpu() if normed is not None else None,
+                fusion_attention=stock.fusion_attention if "fusion_attention" in parts else []))
+    return TextTrace(traces, frozenset(parts), True)
