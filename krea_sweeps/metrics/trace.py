@@ -168,7 +168,7 @@ def _hook(handle):
 
 
 # ---------------------------------------------------------------------------------- configs sharing the upstream
-# A projector-site gain edit (solo, leave-one-out, rebalance, tap gains at site=projector) hooks the projector only:
+# A projector-site edit (solo, leave-one-out, rebalance, tap gains … at site=projector) hooks the projector only:
 # everything upstream of it — the taps, the layerwise blocks and their attention — is the stock pass's. A batch of
 # such configs (`krea_sweeps.batch`) runs that part once per prompt and each config only the projector (with its
 # edit) and the refiners: the same modules on the same tensors at the same batch size as its own full pass, so its
@@ -186,10 +186,11 @@ class ProjectorUpstream:
 
 
 def edits_projector_only(job) -> bool:
-    """Whether every intervention of `job` hooks the projector and nothing else (LayerGains at site=projector)."""
-    from ..interventions.projector import LayerGains
+    """Whether every intervention of `job` is installed by the generic attach at the `projector` site (a weight op
+    in the projector's forward-hook chain) and so touches nothing upstream or downstream of the projector."""
+    from ..interventions.base import Intervention
 
-    return bool(job.interventions) and all(type(i).attach is LayerGains.attach and i.site == "projector"
+    return bool(job.interventions) and all(type(i).attach is Intervention.attach and i.placement[0] == "projector"
                                            for i in job.interventions)
 
 
