@@ -306,8 +306,9 @@ def print_report(report: dict, args) -> None:
               f"Baseline: the issue's {ISSUE_ONE_JOB} configs/s (the same sweep before issue 14, quiet machine)")
         print(f"   {one['wall']:.2f} s wall = {one['configs_per_s']:.2f} configs/s with start-up; steady (first to last "
               f"result) {steady:.2f} configs/s = {steady / ISSUE_ONE_JOB:.1f}× the baseline; beyond start-up "
-              f"{marg:.2f} configs per CPU second = {marg / ISSUE_ONE_JOB:.1f}× the baseline (target ≥ 5: "
-              f"{verdict(max(steady, marg) >= 5)}); {one['configs_per_cpu_s']:.2f} configs per CPU second with start-up")
+              f"{marg:.2f} configs per CPU second = {marg / ISSUE_ONE_JOB:.1f}× the baseline (target ≥ 5 a second: "
+              f"{verdict(steady >= 5)} on this wall, {verdict(marg >= 5)} per CPU second); "
+              f"{one['configs_per_cpu_s']:.2f} configs per CPU second with start-up")
         if b:
             bm = b["marginal_configs_per_cpu_s"] or float("nan")
             print(f"3. batched (sweep.batch_axes, {b['configs']} configs, {b['results']} result.json, one W&B run). "
