@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ class ModelCache:
         self.load_counts: Counter = Counter()
         self.evicted: list[tuple] = []
         self.history: list[tuple[tuple, ...]] = []
+        # The LoRA strength last set on each cached DiT (weak: it goes with the model; a reload starts unset).
+        self.lora_strengths: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def begin_job(self, budget_bytes: float | None) -> None:
         """A new job: its budget applies, and no part counts as in use until it fetches it."""

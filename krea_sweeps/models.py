@@ -341,9 +341,9 @@ class LoadedModel:
         if self.sources.lora is None:
             return
         strength = float(self.variant.lora_strength)
-        if getattr(model, "_krea_sweeps_lora_strength", None) != strength:
+        if self.cache.lora_strengths.get(model) != strength:  # the cache's record, not an attribute on the model
             model.set_adapters(["turbo"], [strength])
-            model._krea_sweeps_lora_strength = strength
+            self.cache.lora_strengths[model] = strength
 
     @property
     def lora_touches_text_path(self) -> bool:
@@ -415,7 +415,7 @@ class LoadedModel:
         else:
             model = Krea2Transformer2DModel.from_pretrained(src, subfolder="transformer", local_files_only=self._local,
                                                             **dtype)
-        return keep_fp32_modules(model, Krea2Transformer2DModel._keep_in_fp32_modules)
+        return keep_fp32_modules(model)
 
     def _transformer_config(self) -> dict:
         from diffusers import Krea2Transformer2DModel
@@ -427,24 +427,19 @@ class LoadedModel:
                                                         local_files_only=self._local))
 
     def _load_text_path(self) -> TextPath:
+        """`text_fusion` and `txt_in` alone: the DiT built from its own config on the meta device (no memory, no
+        constructor defaults copied here), its text modules taken and their tensors read as safetensors slices."""
+        from accelerate import init_empty_weights
         from diffusers import Krea2Transformer2DModel
-        from diffusers.models.transformers.transformer_krea2 import Krea2TextFusion, Krea2TextProjection
 
-        cfg = self._transformer_config()
-        text_fusion = Krea2TextFusion(
-            num_text_layers=cfg.get("num_text_layers", 12), dim=cfg.get("text_hidden_dim", 2560),
-            num_heads=cfg.get("text_num_attention_heads", 20), num_kv_heads=cfg.get("text_num_key_value_heads", 20),
-            intermediate_size=cfg.get("text_intermediate_size", 6912),
-            num_layerwise_blocks=cfg.get("num_layerwise_text_blocks", 2),
-            num_refiner_blocks=cfg.get("num_refiner_text_blocks", 2), eps=cfg.get("norm_eps", 1e-5),
-        )
-        hidden = cfg.get("attention_head_dim", 128) * cfg.get("num_attention_heads", 48)
-        txt_in = Krea2TextProjection(cfg.get("text_hidden_dim", 2560), hidden, eps=cfg.get("norm_eps", 1e-5))
-        path = TextPath(text_fusion, txt_in)
-        path.load_state_dict(read_text_path_tensors(self.sources.transformer), strict=True)
+        with init_empty_weights():
+            skeleton = Krea2Transformer2DModel.from_config(self._transformer_config())
+        path = TextPath.of(skeleton)
+        del skeleton  # the blocks were never allocated; only the text modules live on
+        path.load_state_dict(read_text_path_tensors(self.sources.transformer), strict=True, assign=True)
         path.to(device=self.device, dtype=self.dtype)
         # TextPath's parameter names are the DiT's (`text_fusion.…`), so the DiT's own float32 rule applies as is.
-        return _freeze(keep_fp32_modules(path, Krea2Transformer2DModel._keep_in_fp32_modules))
+        return _freeze(keep_fp32_modules(path))
 
     def _attach_lora(self, model) -> None:
         from diffusers import Krea2Pipeline
@@ -565,14 +560,18 @@ def read_text_path_tensors(source: str) -> dict[str, torch.Tensor]:
     return convert_krea2_transformer_checkpoint_to_diffusers(tensors)
 
 
-def keep_fp32_modules(model: nn.Module, keep: list[str] | None) -> nn.Module:
-    """Upcast to float32 the parameters diffusers' `from_pretrained` keeps in float32 for every dtype: those with a
-    dotted-name component in `_keep_in_fp32_modules` (Krea 2: the RMSNorm scales). `from_single_file` keeps them only
-    for float16, so without this a bf16 single-file DiT, a bf16 diffusers folder and the slice-read text path would
-    each compute the norms differently."""
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and param.dtype != torch.float32 and set(name.split(".")) & set(keep or ()):
-            param.data = param.data.float()
+# The modules diffusers' `from_pretrained` keeps in float32 for every dtype on Krea 2 (its RMSNorm scales);
+# tests/test_spine.py checks this list against `Krea2Transformer2DModel`'s own declaration.
+FP32_MODULES = ("norm", "norm1", "norm2", "norm_q", "norm_k")
+
+
+def keep_fp32_modules(model: nn.Module, keep: tuple[str, ...] = FP32_MODULES) -> nn.Module:
+    """`.float()` on every submodule named in `keep` (a dotted-name component, as diffusers matches them): the rule
+    `from_pretrained` applies for every dtype. `from_single_file` keeps them only for float16, so without this a bf16
+    single-file DiT, a bf16 diffusers folder and the slice-read text path would each compute the norms differently."""
+    for name, module in model.named_modules():
+        if name and name.rsplit(".", 1)[-1] in keep:
+            module.float()
     return model
 
 

@@ -228,31 +228,35 @@ def max_text_tokens(variant) -> int | None:
 # ----------------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate(pipe, sampler: Sampler, cond, neg, seed: int, on_step=None, state: DenoiseState | None = None,
-             step_dependent: bool = False) -> np.ndarray:
+             step_dependent: bool = False, session=None) -> np.ndarray:
     """One image [H, W, 3] in [0, 1] for one encoded prompt and seed, through `Krea2Pipeline.__call__`."""
     return generate_many(pipe, sampler, cond, neg, [seed], on_step=on_step, state=state,
-                         step_dependent=step_dependent)[0]
+                         step_dependent=step_dependent, session=session)[0]
 
 
 @torch.no_grad()
 def generate_many(pipe, sampler: Sampler, cond, neg, seeds: list[int], on_step=None, state: DenoiseState | None = None,
-                  step_dependent: bool = False) -> list[np.ndarray]:
+                  step_dependent: bool = False, session=None) -> list[np.ndarray]:
     """Images for one encoded prompt and several seeds, in seed order.
 
     `state`: the `DenoiseState` that attached interventions and metrics gate on (`InterventionContext.state`); each
     pipeline call binds it. Without one, a fresh state is followed (nothing attached can be reading it).
     The text-path cache stores nothing for a branch while `state` counts an attached edit that declared
-    `depends_on_step` there, and is off when `step_dependent=True` (for callers that know more than what is attached)."""
+    `depends_on_step` there, and is off when `step_dependent=True` (for callers that know more than what is attached).
+    `session` records which DiTs this process compiled (default: the process's session)."""
+    from .session import current_session
+
     state = state if state is not None else DenoiseState()
+    session = session if session is not None else current_session()
     if not sampler.fast:
-        warn_if_eager_on_compiled(pipe.transformer)
+        warn_if_eager_on_compiled(pipe.transformer, session)
         return [_pipeline_call(pipe, sampler, cond, neg, [seed], on_step, state)[0] for seed in seeds]
     if sampler.trim_padding:
         cond, neg = trim_padding(cond), trim_padding(neg)
     groups = [list(seeds)] if sampler.batch_seeds else [[s] for s in seeds]
     out = []
     cache_text = sampler.cache_text_path and not step_dependent
-    with fast_transformer(pipe.transformer, sampler, cache_text=cache_text, state=state):
+    with fast_transformer(pipe.transformer, sampler, cache_text=cache_text, state=state, session=session):
         for group in groups:
             out.extend(_pipeline_call(pipe, sampler, cond, neg, group, on_step, state))
     return out
@@ -299,13 +303,14 @@ def trim_padding(encoded):
     return Encoded(encoded.taps[:, keep], encoded.mask[:, keep], encoded.num_suffix)
 
 
-def compile_blocks(transformer) -> bool:
-    """`compile_repeated_blocks(fullgraph=True)` once per transformer. Our hooks and the interventions' hooks sit on
-    the transformer and inside `text_fusion`, outside the compiled blocks, so they keep firing after compiling."""
-    if getattr(transformer, "_krea_sweeps_compiled", False):
+def compile_blocks(transformer, session, **compile_kwargs) -> bool:
+    """`compile_repeated_blocks(fullgraph=True)` once per transformer and session (the process's record of what it
+    compiled: nothing is written on the model). Our hooks and the interventions' hooks sit on the transformer and
+    inside `text_fusion`, outside the compiled blocks, so they keep firing after compiling."""
+    if transformer in session.compiled:
         return False
-    transformer.compile_repeated_blocks(fullgraph=True)
-    transformer._krea_sweeps_compiled = True
+    transformer.compile_repeated_blocks(**({"fullgraph": True} | compile_kwargs))
+    session.compiled.add(transformer)
     log.info("compiled %s's repeated blocks (first call pays the compile)", type(transformer).__name__)
     return True
 
@@ -314,30 +319,29 @@ def should_compile(sampler: Sampler, device) -> bool:
     return sampler.compile is True or (sampler.compile == "auto" and torch.device(device).type == "cuda")
 
 
-def blocks_compiled(transformer) -> bool:
-    """Whether the DiT's blocks were compiled in this process — by `compile_blocks` or by anyone calling
-    `Module.compile` (which sets `_compiled_call_impl`). Nothing here undoes it, so every later call runs them."""
-    return bool(getattr(transformer, "_krea_sweeps_compiled", False)) or any(
-        getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules())
+def blocks_compiled(transformer, session) -> bool:
+    """Whether this process compiled the DiT's blocks (`compile_blocks`). Nothing undoes it, so every later call
+    runs them. Blocks compiled by someone else's `Module.compile` are not seen: torch has no public flag for it."""
+    return transformer in session.compiled
 
 
-def runs_compiled(sampler: Sampler, transformer) -> bool:
+def runs_compiled(sampler: Sampler, transformer, session) -> bool:
     """Whether `generate_many(…, sampler)` on `transformer` runs compiled blocks: already compiled, or about to be
     (fast path with compiling on for this device). Compiled and eager images differ at float tolerance."""
-    return blocks_compiled(transformer) or (sampler.fast and should_compile(sampler, transformer.device))
+    return blocks_compiled(transformer, session) or (sampler.fast and should_compile(sampler, transformer.device))
 
 
-def warn_if_eager_on_compiled(transformer) -> None:
+def warn_if_eager_on_compiled(transformer, session) -> None:
     """`sampler.fast=false` promises diffusers' own eager call; after compiling, in this process, it cannot keep it."""
-    if blocks_compiled(transformer) and not getattr(transformer, "_krea_sweeps_warned_compiled", False):
-        transformer._krea_sweeps_warned_compiled = True
+    if blocks_compiled(transformer, session) and transformer not in session.warned_compiled:
+        session.warned_compiled.add(transformer)
         log.warning("sampler.fast=false, but the DiT blocks were compiled earlier in this process (compiling cannot "
                     "be undone): these images come from the compiled blocks, not diffusers' eager call bit for bit. "
                     "For the eager reference, run the fast=false jobs in a process of their own.")
 
 
 @contextmanager
-def fast_transformer(transformer, sampler: Sampler, cache_text: bool, state: DenoiseState):
+def fast_transformer(transformer, sampler: Sampler, cache_text: bool, state: DenoiseState, session):
     """Install the fast path's hooks for one `generate_many` call; everything is removed on exit.
 
     - an unmasked DiT when the text holds no pads: the transformer pre-hook drops an all-True key mask and rebuilds
@@ -345,7 +349,7 @@ def fast_transformer(transformer, sampler: Sampler, cache_text: bool, state: Den
       `text_fusion` still receives an all-True mask, so hooks that read it see the same kind of argument as eagerly;
     - the text-path cache (`CachedTextModule`) in place of `text_fusion` and `txt_in`."""
     if should_compile(sampler, transformer.device):
-        compile_blocks(transformer)
+        compile_blocks(transformer, session)
     with ExitStack() as stack:
         if sampler.trim_padding:
             stack.enter_context(_unmasked_dit(transformer))

@@ -25,24 +25,31 @@ class Session:
     - `models`: loaded parts, least recently used evicted under a memory budget (`model.memory_budget_gb`);
     - `encodings`: the in-memory side of each folder's encode cache (the disk side is the folder);
     - `baselines`: stock images by key, and how many this process actually generated;
+    - `stock_traces`: the stock text-path trace per (model, prompts, length), with a weak reference to the module it
+      was traced on (metrics/trace.py): the conditioning metrics' stock pass runs once per sweep, not once per job;
     - `projector_chains`: the projector's active edit chain per module (weak: it dies with the module);
     - `hooks`: the named hooks attached now (`attached()` lists them: each intervention's (site, op));
     - `failed_jobs`: `name: error` per failed job, reported by `run.py` at exit;
     - `wandb_server`: whether the W&B server answered (probed once per process, not once per job);
     - `warned`: one-time warnings already given;
-    - `jobs_started`: how many jobs this process has started (`result.json` records it with the loads so far).
+    - `jobs_started`: how many jobs this process has started (`result.json` records it with the loads so far);
+    - `compiled`, `warned_compiled`: the DiTs whose blocks this process compiled (compiling lasts for the process),
+      and those already warned about an eager call on them — kept here, not as attributes on the model.
     """
 
     models: ModelCache = field(default_factory=ModelCache)
     encodings: dict[str, Any] = field(default_factory=dict)
     baselines: dict[str, Any] = field(default_factory=dict)
     baseline_generations: int = 0
+    stock_traces: dict[tuple, tuple] = field(default_factory=dict)
     projector_chains: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     hooks: HookRegistry = field(default_factory=HookRegistry)
     failed_jobs: list[str] = field(default_factory=list)
     wandb_server: ServerCheck = field(default_factory=ServerCheck)
     warned: set[str] = field(default_factory=set)
     jobs_started: int = 0
+    compiled: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    warned_compiled: weakref.WeakSet = field(default_factory=weakref.WeakSet)
 
     def attached(self) -> list[str]:
         """What is attached to the models at this moment, one name per (intervention, op, site[block])."""

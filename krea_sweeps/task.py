@@ -261,7 +261,7 @@ def generate_images(ctx: JobContext, pipe, with_interventions: bool, keys: list[
         for p, seeds in by_prompt.items():  # seeds of one prompt together: `sampler.batch_seeds` batches them
             with recorders(ctx, "job" if with_interventions else "stock", p, seeds):
                 images = generate_many(pipe, job.sampler, ctx.encoded.index(p), ctx.negative, seeds,
-                                       on_step=lambda: bar.update(1), state=ctx.denoise)
+                                       on_step=lambda: bar.update(1), state=ctx.denoise, session=ctx.session)
             out.update({(p, seed): image for seed, image in zip(seeds, images)})
     bar.close()
     return out
@@ -285,7 +285,7 @@ def produce_images(ctx: JobContext) -> None:
     with ctx.timings.phase("load"):
         pipe = ctx.model.pipeline(text_encoder=None)  # fed embeddings: the encoder is loaded only on an encode miss
     ctx.negative = ctx.encode([job.sampler.negative_prompt])
-    ctx.compiled_blocks = runs_compiled(job.sampler, pipe.transformer)
+    ctx.compiled_blocks = runs_compiled(job.sampler, pipe.transformer, ctx.session)
     ctx.baseline_keys = {f"p{p:02d}_s{s}": baseline_key(job, job.prompts[p], s, ctx.compiled_blocks)
                          for p, s in keys}
     if "baseline" in job.needs or job.is_stock:
@@ -326,7 +326,7 @@ def stock_images_of(ctx: JobContext, prompt: str, seeds: list[int]) -> dict[int,
             out[s] = image
     if missing:
         fresh = generate_many(ctx.model.pipeline(), ctx.job.sampler, ctx.encode([prompt]), ctx.negative, missing,
-                              state=ctx.denoise)
+                              state=ctx.denoise, session=ctx.session)
         ctx.session.baseline_generations += len(fresh)
         for s, image in zip(missing, fresh):
             store_baseline(ctx.session, ctx.job, baseline_key(ctx.job, prompt, s, bool(ctx.compiled_blocks)), image)

@@ -272,24 +272,31 @@ def test_a_taps_pre_hook_keeps_the_text_path_once_per_image_and_branch(raw):
 
 
 def test_eager_call_on_compiled_blocks_warns_and_says_so(turbo, caplog):
-    """`sampler.fast=false` after the blocks were compiled in this process is not diffusers' eager call: warned, and
-    reported by `runs_compiled` (which keys the stock images and is recorded per job)."""
-    from krea_sweeps.sampler import blocks_compiled, runs_compiled
+    """`sampler.fast=false` after the blocks were compiled in this process is not diffusers' eager call: warned once,
+    and reported by `runs_compiled` (which keys the stock images and is recorded per job). What was compiled is the
+    session's record; nothing is written on the model."""
+    from krea_sweeps.sampler import blocks_compiled, compile_blocks, runs_compiled
+    from krea_sweeps.session import Session
 
+    session = Session()
     pipe, cond, neg, eager = _setup(turbo, steps=1)
-    block = pipe.transformer.transformer_blocks[0]
-    assert not blocks_compiled(pipe.transformer) and not runs_compiled(eager, pipe.transformer)
-    block.compile(backend="eager")  # a real torch.compile; the eager backend needs no C++ toolchain
+    before = set(pipe.transformer.__dict__)
+    assert not blocks_compiled(pipe.transformer, session) and not runs_compiled(eager, pipe.transformer, session)
     try:
-        assert blocks_compiled(pipe.transformer) and runs_compiled(eager, pipe.transformer)
+        # a real torch.compile of the repeated blocks; the eager backend needs no C++ toolchain
+        assert compile_blocks(pipe.transformer, session, backend="eager")
+        assert not compile_blocks(pipe.transformer, session, backend="eager")  # once per transformer
+        assert blocks_compiled(pipe.transformer, session) and runs_compiled(eager, pipe.transformer, session)
+        assert not blocks_compiled(pipe.transformer, Session())  # another session did not compile it
         with caplog.at_level("WARNING", logger="krea_sweeps.sampler"):
-            generate(pipe, eager, cond, neg, seed=0)
+            generate(pipe, eager, cond, neg, seed=0, session=session)
+            generate(pipe, eager, cond, neg, seed=0, session=session)
     finally:
-        block._compiled_call_impl = None  # leave the session's shared transformer as it was
-        pipe.transformer.__dict__.pop("_krea_sweeps_warned_compiled", None)
+        for block in pipe.transformer.transformer_blocks:  # leave the shared transformer as it was (test-only poke)
+            block._compiled_call_impl = None
         torch._dynamo.reset()
-    assert "compiled earlier in this process" in caplog.text
-    assert not blocks_compiled(pipe.transformer)
+    assert caplog.text.count("compiled earlier in this process") == 1
+    assert set(pipe.transformer.__dict__) == before  # no bookkeeping attributes on the model
 
 
 # ------------------------------------------------------------------------------------------------ declared step use

@@ -319,6 +319,25 @@ def test_bf16_text_path_alone_matches_the_full_transformer_and_diffusers_dtype_r
                                                                  if n.startswith(("text_fusion.", "txt_in."))}
 
 
+
+def test_float32_module_list_is_diffusers_own_and_the_text_path_is_built_from_config():
+    """Our FP32_MODULES is diffusers' declaration for Krea 2 (checked here, so a release that changes it fails a test),
+    and the slice-read text path is the DiT's own modules from its config: every tensor real (none left on the meta
+    device), the same parameter names and shapes as the full DiT's text modules, equal values."""
+    from diffusers import Krea2Transformer2DModel
+
+    from krea_sweeps.models import FP32_MODULES, LoadedModel, ModelVariant
+
+    assert tuple(Krea2Transformer2DModel._keep_in_fp32_modules) == FP32_MODULES
+    model = LoadedModel(ModelVariant(name="turbo", device="cpu"))
+    alone, full = model._load_text_path(), model.transformer
+    tensors = dict(alone.state_dict())
+    assert not any(t.is_meta for t in tensors.values())
+    reference = {k: v for k, v in full.state_dict().items() if k.startswith(("text_fusion.", "txt_in."))}
+    assert tensors.keys() == reference.keys()
+    assert all(torch.equal(tensors[k], reference[k]) for k in tensors)
+
+
 def _lora_with_text_path_keys(raw) -> dict:
     """The synthetic Turbo LoRA plus weights on the text path (`txtfusion.…wq`, `txtmlp.1`), original naming."""
     from krea_sweeps.synthetic import build_turbo_lora

@@ -55,16 +55,15 @@ class ProbingAttnProcessor:
     """Runs the wrapped processor as is and records the attention probabilities it used.
 
     Wrapping (rather than copying the processor's code) keeps the output the stock kernel's, bit for bit, and keeps
-    whatever backend / parallel config the module had (`_attention_backend` and `_parallel_config` are mirrored so
-    code that inspects them sees the same values).
+    whatever backend / parallel config the module had: the wrapped processor keeps its own and runs the kernel; the
+    probe only reads q/k (hooks on `norm_q`/`norm_k`) and computes P itself, so it needs none of the processor's
+    private settings.
     """
 
     def __init__(self, inner, calls: list[AttentionCall], keep_inputs: bool = False):
         self.inner = inner
         self.calls = calls
         self.keep_inputs = keep_inputs
-        self._attention_backend = getattr(inner, "_attention_backend", None)
-        self._parallel_config = getattr(inner, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

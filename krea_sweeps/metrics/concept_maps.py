@@ -50,8 +50,6 @@ class CapturingProcessor:
 
     def __init__(self, inner, seen: dict):
         self.inner, self.seen = inner, seen
-        self._attention_backend = getattr(inner, "_attention_backend", None)
-        self._parallel_config = getattr(inner, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
         grabbed = {}

@@ -72,13 +72,12 @@ def text_trace(ctx, intervened: bool = True, parts: frozenset | set = frozenset(
     if intervened:
         ctx.cache[("text_trace", True)] = trace
     else:
-        _STOCK_TRACES[stock_key(ctx)] = (weakref.ref(ctx.text_path.text_fusion), trace)
+        ctx.session.stock_traces[stock_key(ctx)] = (weakref.ref(ctx.text_path.text_fusion), trace)
     return trace
 
 
-# The stock pass depends on the model and the prompts only: once per sweep (per process), not once per job. Each entry
-# holds a weak reference to the `text_fusion` module it was traced on and serves only that module.
-_STOCK_TRACES: dict[tuple, tuple] = {}
+# The stock pass depends on the model and the prompts only: once per sweep (in the session), not once per job. Each
+# entry holds a weak reference to the `text_fusion` module it was traced on and serves only that module.
 
 
 def stock_key(ctx) -> tuple:
@@ -91,7 +90,7 @@ def stock_key(ctx) -> tuple:
 
 
 def stock_memo(ctx) -> TextTrace | None:
-    ref, trace = _STOCK_TRACES.get(stock_key(ctx), (None, None))
+    ref, trace = ctx.session.stock_traces.get(stock_key(ctx), (None, None))
     return trace if ref is not None and ref() is ctx.text_path.text_fusion else None
 
 

@@ -90,8 +90,6 @@ class TextAttentionProcessor:
 
     def __init__(self, inner, sink, block: int):
         self.inner, self.sink, self.block = inner, sink, block
-        self._attention_backend = getattr(inner, "_attention_backend", None)
-        self._parallel_config = getattr(inner, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
         seen = {}
