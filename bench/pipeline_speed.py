@@ -35,7 +35,7 @@ PROMPTS = [
     "A bowl of ramen on a wooden table, steam rising, top-down photograph.",
     "An astronaut riding a horse across a desert, cinematic, 35mm film.",
 ]
-VARIANTS = {"turbo": dict(is_distilled=True, steps=8, guidance=0.0), "raw": dict(is_distilled=False, steps=28, guidance=4.5)}
+VARIANTS = {"turbo": dict(base="turbo", is_distilled=True, steps=8, guidance=0.0), "raw": dict(base="raw", is_distilled=False, steps=28, guidance=4.5)}
 
 
 # --------------------------------------------------------------------------------------------------- setup

@@ -129,7 +129,8 @@ def job_spec(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         job = plan(compose(config_name="config", overrides=overrides))
     v = job.variant
-    return {"variant": {"name": v.name, "is_distilled": v.is_distilled, "steps": v.steps, "guidance": v.guidance},
+    return {"variant": {"name": v.name, "base": v.base, "lora": v.lora, "is_distilled": v.is_distilled,
+                        "steps": v.steps, "guidance": v.guidance},
             "synthetic_weights": v.synthetic_weights.kind,
             "prompts": job.prompts, "height": job.sampler.height, "width": job.sampler.width,
             "steps": job.sampler.steps, "guidance": job.sampler.guidance,

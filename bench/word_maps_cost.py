@@ -57,7 +57,7 @@ def cpu_wall_time(size: int, repeats: int) -> dict:
     from krea_sweeps.prompts import EncodeCache
     from krea_sweeps.sampler import DenoiseState, Sampler, generate_many
 
-    model = LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=8, guidance=0.0))
+    model = LoadedModel(ModelVariant(name="turbo", base="turbo", is_distilled=True, steps=8, guidance=0.0))
     pipe = model.pipeline()
     sampler = Sampler(steps=8, fast=True, height=size, width=size).resolved(model.variant)
     cache = EncodeCache(None)

@@ -126,7 +126,8 @@ def built(node: dict) -> list | None:
 
 def run_batch(job: Job, cfg: DictConfig, hydra_cfg: DictConfig, session):
     """Run the batch job: plan every config, then encode, trace and measure each on the shared text path."""
-    from .runner import interrupt_guard, tags_for
+    from .process import interrupt_guard
+    from .tracking import tags_for
     from .task import Timings
 
     require(not job.generates, BATCH_GRID_KEY, "batched configs cannot generate images (metrics: "
@@ -198,7 +199,8 @@ def run_config(config: BatchConfig, shared: dict, base_config: dict, tracker) ->
     own would have written (result.json last). A failure is recorded in its failed.json and the batch goes on."""
     import torch
 
-    from .runner import FailFast, clear_job_folder
+    from .files import clear_job_folder
+    from .process import FailFast
     from .task import JobContext, Timings, job_fingerprint, measure, versions, write_json_atomic
 
     job = config.job

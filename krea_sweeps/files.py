@@ -215,3 +215,17 @@ def _libyaml_dumper():
 
     Dumper.add_representer(str, OmegaConfDumper.str_representer)
     return Dumper
+
+
+def clear_job_folder(job_dir: Path) -> None:
+    """Remove everything an earlier run of this job left (result, arrays, images, figures, W&B runs, `.hydra/`);
+    keep only the log file Hydra has open for this run."""
+    if not job_dir.is_dir():
+        return
+    for entry in job_dir.iterdir():
+        if entry.suffix == ".log" and entry.is_file():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, as_float, as_int, require
+from .errors import ConfigError, as_float, as_int, require, require_choice
 from .memory import (OFFLOAD_MODES, Activations, JobMemory, ModelCache, PartSize, part_size_from_safetensors,
                      safetensors_files)
 from .synthetic import SELECT_LAYERS, SCHEDULER_CONFIG, RandomWeights
@@ -35,6 +35,10 @@ TEXT_PATH_PREFIXES = ("txtfusion.", "txtmlp.", "text_fusion.", "txt_in.")
 # Where checkpoints keep the [1, 12] projector: original/ComfyUI names (three prefixes) and diffusers' name.
 PROJECTOR_KEYS = ("txtfusion.projector.weight", "model.diffusion_model.txtfusion.projector.weight",
                   "diffusion_model.txtfusion.projector.weight", "text_fusion.projector.weight")
+
+
+BASES = ("raw", "turbo")  # the DiT checkpoints a variant can start from
+LORAS = ("turbo",)  # the LoRAs a variant can apply on top (the synthetic model writes each as <lora>_lora.safetensors)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,7 +78,9 @@ class ModelVariant:
     `synthetic_weights` writes into the cache: the trained toy (`model/synthetic_weights=toy`, the config default) or
     the random-weight one (`random`, the default when built in code: plumbing needs no training)."""
 
-    name: str
+    name: str  # a label (runs, tags, captions): what the variant *is* comes from `base` and `lora`
+    base: str  # which DiT weights: raw | turbo (declared by the variant's YAML; turbo_lora's are raw's)
+    lora: str | None = None  # the LoRA the variant applies on top of `base`: turbo (the Turbo LoRA) or null
     path: str | None = None
     text_encoder_path: str | None = None
     tokenizer_path: str | None = None
@@ -94,8 +100,9 @@ class ModelVariant:
     synthetic_weights: Any = field(default_factory=RandomWeights)
 
     def __post_init__(self):
-        require(self.name in ("raw", "turbo", "turbo_lora"), "model.name", f"unknown variant {self.name!r}",
-                "use model=raw, model=turbo or model=turbo_lora")
+        require_choice(self.base, BASES, "model.base", "DiT weights")
+        if self.lora is not None:
+            require_choice(self.lora, LORAS, "model.lora", "LoRA")
         # Hydra passes command-line text it cannot parse (`model.guidance=abc`) as a string: convert here, once.
         self.lora_strength = as_float(self.lora_strength, "model.lora_strength")
         self.steps = as_int(self.steps, "model.steps")
@@ -110,7 +117,7 @@ class ModelVariant:
         require(not (self.allow_network and self.path is None), "model.allow_network",
                 "is true but model.path is not set, so this would run the synthetic model (allow_network only matters "
                 "when model.path is a hub id)", f"set model.path to a hub id (e.g. krea/Krea-2-Raw) or a local folder, "
-                f"or KREA2_{'TURBO' if self.name == 'turbo' else 'RAW'}_PATH")
+                f"or KREA2_{self.base.upper()}_PATH")
         require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)) is not None, "model.device",
                 f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:N")
         if self.lora_path is not None:
@@ -138,9 +145,9 @@ class ModelVariant:
                     require(getattr(self, key) is not None, f"model.{key}", "a single-file checkpoint carries only "
                             "the DiT", f"set model.{key} (or the matching KREA2_* environment variable)")
                 _check_krea2_single_file(self.path)
-        if self.name == "turbo_lora" and self.path is not None:
-            require(self.lora_path is not None, "model.lora_path", "turbo_lora needs the Turbo LoRA file",
-                    "set model.lora_path (or KREA2_TURBO_LORA)")
+        if self.lora is not None and self.path is not None:
+            require(self.lora_path is not None, "model.lora_path", f"{self.name} applies the {self.lora} LoRA, which "
+                    "needs its file", f"set model.lora_path (or KREA2_{self.lora.upper()}_LORA)")
 
     def _check_lora_path(self) -> None:
         """A LoRA file that is used must exist before anything loads; one that would be ignored is refused rather
@@ -160,11 +167,6 @@ class ModelVariant:
     @property
     def is_single_file(self) -> bool:
         return self.path is not None and self.path.endswith(".safetensors")
-
-    @property
-    def base(self) -> str:
-        """Which DiT weights: turbo_lora is Raw plus a LoRA."""
-        return "raw" if self.name == "turbo_lora" else self.name
 
     def identity(self) -> dict:
         """What makes this variant's outputs what they are (keys the stock-image cache and the resume fingerprint):
@@ -233,7 +235,7 @@ def sources_for(variant: ModelVariant, ensure: bool = True) -> Sources:
             text_encoder=str(root / "text_encoder"),
             tokenizer=str(root / "tokenizer"),
             vae=str(root / "vae"),
-            lora=str(root / "turbo_lora.safetensors") if variant.name == "turbo_lora" else None,
+            lora=str(root / f"{variant.lora}_lora.safetensors") if variant.lora is not None else None,
             synthetic=True,
         )
     folder = variant.path

@@ -16,7 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, did_you_mean, require
+from .build import instantiate  # noqa: F401 - planning builds every part through it (named here for callers)
+from .errors import ConfigError, require
 
 # Overrides that do not change a job's result: they never enter its directory name.
 NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective", "headline", "report",
@@ -102,117 +103,6 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("krea_help", lambda: __import__("krea_sweeps.cli_help").cli_help.render())
 
 
-# The class every `_target_` of a config group must be (a subclass of): anything else — `shutil.copy`, `open`,
-# `Path.write_text` — is refused before it is called. A user's own subclass in their own module is fine.
-BASE_CLASSES = {
-    "model": "krea_sweeps.models.ModelVariant",
-    "sampler": "krea_sweeps.sampler.Sampler",
-    "prompts": "krea_sweeps.prompts.PromptSet",
-    "intervention": "krea_sweeps.interventions.base.Intervention",
-    "interventions": "krea_sweeps.interventions.base.Intervention",
-    "metrics": "krea_sweeps.metrics.base.Metric",
-    "wandb": "krea_sweeps.tracking.WandbConfig",
-}
-
-
-def check_targets(node: Any, key: str) -> None:
-    """Every `_target_` in `node` (nested ones too: Hydra instantiates recursively) must name a subclass of the
-    group's base class; checked by importing the named class, never by calling anything."""
-    from hydra.utils import get_object
-
-    group = re.split(r"[.\[]", key, maxsplit=1)[0]
-    base = get_object(BASE_CLASSES[group]) if group in BASE_CLASSES else None
-    for where, target in _targets(node, key):
-        try:
-            found = get_object(target) if isinstance(target, str) else None
-        except Exception:
-            found = None
-        ours = isinstance(found, type) and found.__module__.startswith("krea_sweeps.")
-        if where != key and ours:  # a nested part of one of our objects (e.g. model.synthetic_weights)
-            continue
-        if base is None:  # a group without a base class (e.g. report panels): only classes of this package
-            require(isinstance(found, type) and found.__module__.startswith("krea_sweeps."), f"{where}._target_",
-                    f"{target!r} is not a krea_sweeps class", f"use one of the `{group}` classes of krea_sweeps")
-            continue
-        require(isinstance(found, type) and issubclass(found, base), f"{where}._target_",
-                f"{target!r} is not a subclass of {base.__module__}.{base.__name__}",
-                f"use one of the `{group}` presets, or your own subclass of {base.__name__} in an importable module "
-                "(docs/cluster.md, 'Whose code runs')")
-
-
-def _targets(node: Any, key: str):
-    """(config key, `_target_` value) for every mapping in `node` that has one."""
-    if OmegaConf.is_config(node):
-        try:
-            node = OmegaConf.to_container(node, resolve=True)
-        except Exception:  # a broken interpolation is instantiate's error to report
-            node = OmegaConf.to_container(node, resolve=False)
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == "_target_":
-                yield key, v
-            else:
-                yield from _targets(v, f"{key}.{k}")
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            yield from _targets(v, f"{key}[{i}]")
-
-
-def instantiate(node: Any, key: str):
-    """`hydra.utils.instantiate` that surfaces our one-line ConfigError instead of Hydra's wrapped traceback, and
-    refuses any `_target_` that is not one of our classes (or a user's subclass of them) before calling it."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate as hydra_instantiate
-
-    check_targets(node, key)
-    try:
-        return hydra_instantiate(node, _convert_="all")
-    except (InstantiationException, TypeError) as e:
-        cause = innermost_cause(e)
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        field_key = f"{key}.{field_of(cause)}" if field_of(cause) else key
-        hint = ""
-        if field_of(cause) and "unexpected keyword" in str(cause):
-            hint = did_you_mean(field_of(cause), parameters_of(node))
-        raise ConfigError(field_key, f"{type(cause).__name__}: {cause}",
-                          f"{hint}check the `{field_key}` config (HYDRA_FULL_ERROR=1 shows the traceback)") from None
-
-
-def parameters_of(node: Any) -> list[str]:
-    """The keyword parameters of a config node's `_target_` (what a misspelt field is compared with)."""
-    import inspect
-
-    from hydra.utils import get_method
-
-    try:
-        return list(inspect.signature(get_method(str(node.get("_target_")))).parameters)
-    except Exception:
-        return []
-
-
-def innermost_cause(error: BaseException) -> BaseException:
-    """The error at the bottom of a chain: our ConfigError if one is in it, else the deepest cause. Hydra's
-    `InstantiationException` only says which target failed; the reason is below it."""
-    seen = []
-    while error is not None and error not in seen:
-        if isinstance(error, ConfigError):
-            return error
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    return seen[-1]
-
-
-_FIELD_IN_MESSAGE = re.compile(r"(?:unexpected keyword argument|required (?:positional |keyword-only )?arguments?:)"
-                               r" '(\w+)'")
-
-
-def field_of(error: BaseException) -> str | None:
-    """The config field a constructor error names (an unknown or a missing key), when it names one."""
-    match = _FIELD_IN_MESSAGE.search(str(error))
-    return match.group(1) if match else None
-
-
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 
 
@@ -272,6 +162,16 @@ class Job:
     @property
     def is_stock(self) -> bool:
         return all(i.is_identity for i in self.interventions)
+
+
+def intervention_label(job: Job) -> str:
+    """The interventions as applied, in one line (`solo site=projector slot=6; knockout …`): run names, captions."""
+    parts = []
+    for i in job.interventions:
+        d = i.describe()
+        bits = [d["kind"]] + [f"{k}={d[k]}" for k in ("site", "slot", "layer", "strength") if d.get(k) is not None]
+        parts.append(" ".join(str(b) for b in bits))
+    return "; ".join(parts)
 
 
 def effective_interventions(cfg: DictConfig) -> list:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import types
+from contextlib import contextmanager
 
 from .errors import ConfigError
 
@@ -167,3 +169,47 @@ def exit_now(code) -> None:
         except Exception:
             pass
     os._exit(code)
+
+
+# ------------------------------------------------------------------------------------------------------- signals
+class Interrupted(BaseException):
+    """SIGTERM/SIGINT inside a job: stop cleanly, write no partial result."""
+
+    def __init__(self, signame: str):
+        super().__init__(signame)
+        self.signame = signame
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for death by signal: 128 + signal number (130 Ctrl-C, 143 SIGTERM)."""
+        return 128 + int(getattr(signal.Signals, self.signame, signal.SIGTERM))
+
+
+class FailFast(BaseException):
+    """`fail_fast=true` and a job failed: stop the sweep now. A BaseException, because Hydra's launchers catch
+    `Exception` per job and would start the remaining jobs of the batch before re-raising."""
+
+    def __init__(self, line: str):
+        super().__init__(line)
+        self.line = line
+
+
+@contextmanager
+def interrupt_guard():
+    """Turn SIGTERM (SLURM preemption) and SIGINT (Ctrl-C) into `Interrupted` while a job runs; restore the old
+    handlers after (submitit's SIGTERM bypass, Python's KeyboardInterrupt)."""
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)

@@ -140,7 +140,7 @@ class Media:
 def panel_objects(entries, key: str = "report") -> list:
     """The preset's `report` entries as panel objects. Only this module's classes are instantiated: a config (or a
     result.json read back by collect) never gets to call anything else."""
-    from .plan import instantiate
+    from .build import instantiate
 
     objects = []
     for i, entry in enumerate(entries or []):
@@ -248,7 +248,7 @@ def sweep_from_config(cfg) -> SweepInfo:
     report before anything runs, and by the tests."""
     from omegaconf import OmegaConf
 
-    from .plan import instantiate
+    from .build import instantiate
 
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
     target = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default=""))

@@ -15,78 +15,21 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import signal
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
+from .files import clear_job_folder
 from .plan import Job, plan
+from .process import FailFast, Interrupted, interrupt_guard  # noqa: F401 - run.py catches them from here
 from .session import Session, current_session
 from .task import execute, intervention_label, job_fingerprint, versions, write_json_atomic
+from .tracking import tags_for
 
 log = logging.getLogger("krea_sweeps")
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGINT inside a job: stop cleanly, write no partial result."""
-
-    def __init__(self, signame: str):
-        super().__init__(signame)
-        self.signame = signame
-
-    @property
-    def exit_code(self) -> int:
-        """The shell's convention for death by signal: 128 + signal number (130 Ctrl-C, 143 SIGTERM)."""
-        return 128 + int(getattr(signal.Signals, self.signame, signal.SIGTERM))
-
-
-class FailFast(BaseException):
-    """`fail_fast=true` and a job failed: stop the sweep now. A BaseException, because Hydra's launchers catch
-    `Exception` per job and would start the remaining jobs of the batch before re-raising."""
-
-    def __init__(self, line: str):
-        super().__init__(line)
-        self.line = line
-
-
-@contextmanager
-def interrupt_guard():
-    """Turn SIGTERM (SLURM preemption) and SIGINT (Ctrl-C) into `Interrupted` while a job runs; restore the old
-    handlers after (submitit's SIGTERM bypass, Python's KeyboardInterrupt)."""
-    def handler(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-
-    old = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
-
-
-def clear_job_folder(job_dir: Path) -> None:
-    """Remove everything an earlier run of this job left (result, arrays, images, figures, W&B runs, `.hydra/`);
-    keep only the log file Hydra has open for this run."""
-    if not job_dir.is_dir():
-        return
-    for entry in job_dir.iterdir():
-        if entry.suffix == ".log" and entry.is_file():
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
 
 def write_hydra_record(job_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | None) -> None:
     """What Hydra would have written to `.hydra/` before the task (`hydra.output_subdir: null` stops it, so a run
@@ -117,17 +60,6 @@ def set_aside_wandb_runs(job_dir: Path) -> None:
             target = job_dir / ABORTED_WANDB / entry.name
             target.parent.mkdir(exist_ok=True)
             entry.replace(target)
-
-
-def tags_for(job: Job) -> list[str]:
-    tags = [f"variant:{job.variant.name}", job.experiment]
-    for i in job.interventions:
-        described = i.describe()
-        tags.append(f"intervention:{i.kind}")
-        tags += [f"{k}:{described[k]}" for k in ("site", "slot", "layer") if described.get(k) is not None]
-    if job.variant.synthetic:
-        tags += ["synthetic", f"synthetic:{job.variant.synthetic_weights.kind}"]
-    return tags
 
 
 def run_name(job: Job) -> str:
@@ -244,8 +176,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
                               tags=tags_for(job), config=wandb_config(config, job))
                 record["wandb"] = tracker.where()
                 out = execute(job, session)
-                images = out.pop("_wandb_images")
-                record.update(out, status="done", process=session.process_record())
+                record.update(out.record, status="done", process=session.process_record())
                 record["timings"]["total"] = time.perf_counter() - t0
                 if job.objective:
                     value = objective_of(job, record["summary"])
@@ -256,10 +187,10 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
                 tracker.define_metrics(record["summary"], objective=job.objective, direction=_direction(hydra_cfg))
                 tracker.log_summary({**record["summary"], **per_prompt_summary(record["rows"], record["summary"])})
                 tracker.log_table("rows", record["rows"])
-                tracker.log_images(images)
+                tracker.log_images(out.media)
             except (Interrupted, KeyboardInterrupt, SystemExit):
                 if tracker is not None:
-                    tracker._guard("mark_preempting", lambda: tracker.run.mark_preempting())
+                    tracker.mark_preempting()
                 raise
             finally:
                 if tracker is not None:
@@ -270,9 +201,7 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
             log.warning("job %s interrupted (%s): no result written; rerun the sweep to run it", job.name,
                         getattr(e, "signame", type(e).__name__))
         raise
-    except ConfigError:
-        raise
-    except Exception as e:
+    except Exception as e:  # a ConfigError too: after planning, any error fails this job only
         write_json_atomic(failed_file, {"status": "failed", "job": config["job"], "error": f"{type(e).__name__}: {e}",
                                         "traceback": traceback.format_exc(), "config": without_job(config),
                                         "versions": versions()})

@@ -156,12 +156,34 @@ def _option_names(value: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- before the first job
 def check_launcher(config: DictConfig) -> None:
-    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
-    if "SlurmLauncher" in target:
-        require(shutil.which("sbatch") is not None, "hydra/launcher",
-                "the SLURM launcher needs `sbatch`, which is not on PATH (not a SLURM login node?)",
+    """The commands the chosen launcher preset declares it needs (`sweep.launcher_needs` in conf/config.yaml) must be
+    on PATH here, before any job is submitted."""
+    choice = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
+    launcher = choice.get("hydra/launcher")
+    needs = OmegaConf.select(config, "sweep.launcher_needs", default=None) or {}
+    for command in needs.get(launcher) or []:
+        require(shutil.which(str(command)) is not None, "hydra/launcher",
+                f"hydra/launcher={launcher} needs `{command}`, which is not on PATH (not a login node of that cluster?)",
                 "run on the cluster's login node, or use hydra/launcher=local (processes here) or no launcher "
                 "override (one process, shared model cache)")
+
+
+def optimises(config: DictConfig) -> bool:
+    """Whether the sweeper optimises the value each job returns: its config declares a `direction` (Optuna's
+    maximize / minimize), so each job needs an objective and a trial's values are placeholders until it runs."""
+    return OmegaConf.select(config, "hydra.sweeper.direction", default=None) is not None
+
+
+def is_basic_sweeper(config: DictConfig) -> bool:
+    """Whether `hydra.sweeper._target_` is Hydra's own BasicSweeper class (imported, not called; the same class even
+    when Hydra's plugin scan has re-imported its module, so compared by where it is defined)."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(str(OmegaConf.select(config, "hydra.sweeper._target_", default="")))
+    except Exception:
+        return False
+    return (cls.__module__, cls.__qualname__) == (BasicSweeper.__module__, BasicSweeper.__qualname__)
 
 
 def check_study_storage(config: DictConfig) -> None:
@@ -199,7 +221,7 @@ def check_sweep(config: DictConfig) -> None:
     axes = {k: (v[:1] if k in batched else v) for k, v in axes.items()}
     fixed = [o.input_line for k, o in by_key.items() if not o.is_sweep_override()]
     first = {k: v[0] for k, v in axes.items()}
-    is_optuna = "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).lower()
+    is_optuna = optimises(config)
     jobs = [first]
     for k, values in axes.items():
         jobs += [{**first, k: v} for v in values[1:]]
@@ -292,7 +314,7 @@ def order_variants_first(config: DictConfig) -> None:
     the command line's. Runs before the sweeper is made from the config (Hydra calls this callback first)."""
     from omegaconf import open_dict, read_write
 
-    if not str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith(".BasicSweeper"):
+    if not is_basic_sweeper(config):
         return  # Optuna and others choose their own order
     params = dict(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
     model_axes = {k: v for k, v in params.items() if is_model_axis(k)}
@@ -352,7 +374,6 @@ class SweepGuard(Callback):
 
 
 # ---------------------------------------------------------------------------------------------------- the sweeper
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 PLANNED_SWEEPER = "hydra_plugins.krea_sweeps_sweeper.planned_sweeper.PlannedSweeper"
 
 
@@ -362,7 +383,7 @@ def use_planned_sweeper(config: DictConfig) -> None:
     would win over an experiment's `override /hydra/sweeper: optuna`; any other sweeper is left as chosen."""
     from omegaconf import read_write
 
-    if OmegaConf.select(config, "hydra.sweeper._target_", default=None) == BASIC_SWEEPER:
+    if is_basic_sweeper(config):
         with read_write(config.hydra.sweeper):
             config.hydra.sweeper._target_ = PLANNED_SWEEPER
     elif batch_axes_of(config):

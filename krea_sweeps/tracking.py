@@ -11,11 +11,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import require_choice
+
+if TYPE_CHECKING:
+    from .plan import Job
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +171,10 @@ class Tracker:
 
         self._guard("images", do)
 
+    def mark_preempting(self) -> None:
+        """The job was interrupted (SLURM preemption, Ctrl-C): W&B shows the run as preempted, not crashed."""
+        self._guard("mark_preempting", lambda: self.run.mark_preempting())
+
     def finish(self, failed: bool = False) -> None:
         if self.run is None:
             return
@@ -196,3 +203,14 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def tags_for(job: Job) -> list[str]:
+    tags = [f"variant:{job.variant.name}", job.experiment]
+    for i in job.interventions:
+        described = i.describe()
+        tags.append(f"intervention:{i.kind}")
+        tags += [f"{k}:{described[k]}" for k in ("site", "slot", "layer") if described.get(k) is not None]
+    if job.variant.synthetic:
+        tags += ["synthetic", f"synthetic:{job.variant.synthetic_weights.kind}"]
+    return tags

@@ -32,14 +32,14 @@ def turbo(session):
     """The synthetic Turbo model (parts load lazily and are cached for the whole session)."""
     from krea_sweeps.models import LoadedModel, ModelVariant
 
-    return LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=8, guidance=0.0), session.models)
+    return LoadedModel(ModelVariant(name="turbo", base="turbo", is_distilled=True, steps=8, guidance=0.0), session.models)
 
 
 @pytest.fixture(scope="session")
 def raw(session):
     from krea_sweeps.models import LoadedModel, ModelVariant
 
-    return LoadedModel(ModelVariant(name="raw"), session.models)
+    return LoadedModel(ModelVariant(name="raw", base="raw"), session.models)
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def toy_turbo():
     from krea_sweeps.models import LoadedModel, ModelVariant
     from krea_sweeps.toy.checkpoints import ToyWeights
 
-    return LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=8, guidance=0.0,
+    return LoadedModel(ModelVariant(name="turbo", base="turbo", is_distilled=True, steps=8, guidance=0.0,
                                     synthetic_weights=ToyWeights()))
 
 
@@ -73,7 +73,7 @@ def toy_raw():
     from krea_sweeps.models import LoadedModel, ModelVariant
     from krea_sweeps.toy.checkpoints import ToyWeights
 
-    return LoadedModel(ModelVariant(name="raw", synthetic_weights=ToyWeights()))
+    return LoadedModel(ModelVariant(name="raw", base="raw", synthetic_weights=ToyWeights()))
 
 
 def compose(overrides: list[str] | None = None):

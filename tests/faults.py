@@ -42,3 +42,21 @@ class SleepOnSeed(Metric):
             Path(self.started).touch()
             time.sleep(self.seconds)
         return MetricOutput(summary={"sleep/seed": float(ctx.seeds[0])})
+
+
+@dataclass
+class ConfigErrorOnSeed(Metric):
+    """Raises a ConfigError while the job runs (after planning passed) in the job whose seeds include `seed`: a bad
+    value found only at run time fails that job like any other error."""
+
+    name: ClassVar[str] = "config_fault"
+    needs: ClassVar[frozenset] = frozenset()
+    seed: int = 1
+
+    def compute(self, ctx) -> MetricOutput:
+        from krea_sweeps.errors import ConfigError
+
+        if self.seed in ctx.seeds:
+            raise ConfigError("metrics.config_fault.seed", f"seed {self.seed} is refused at run time",
+                              "pick another seed")
+        return MetricOutput(summary={"config_fault/seed": float(ctx.seeds[0])})

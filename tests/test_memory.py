@@ -133,7 +133,7 @@ def test_offload_modes_are_wired_to_diffusers_and_keep_the_image(mode, atol):
     from krea_sweeps.prompts import EncodeCache
     from krea_sweeps.sampler import Sampler, generate
 
-    model = LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=2, guidance=0.0))  # own parts: hooks stay
+    model = LoadedModel(ModelVariant(name="turbo", base="turbo", is_distilled=True, steps=2, guidance=0.0))  # own parts: hooks stay
     sampler = Sampler(height=64, width=64, max_sequence_length=32).resolved(model.variant)
     cache = EncodeCache(None)
     enc, neg = cache.get(model, ["a red fox"], 32), cache.get(model, [""], 32)

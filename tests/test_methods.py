@@ -133,7 +133,7 @@ def test_word_maps_equal_explicit_softmax_and_leave_the_image_alone(turbo, sessi
     handles = [b.register_forward_pre_hook(on_block, with_kwargs=True) for b in transformer.transformer_blocks]
     handles += [b.register_forward_hook(after_block) for b in transformer.transformer_blocks]
     try:
-        record = execute(job, session)
+        record, media = execute(job, session)
     finally:
         for h in handles:
             h.remove()
@@ -163,7 +163,7 @@ def test_word_maps_equal_explicit_softmax_and_leave_the_image_alone(turbo, sessi
     # Recording never changes the image: the job's images (recorded) equal a plain generation without the metric.
     plain = images(turbo, prompts[0], seeds=[0, 1], fast=fast)
     for seed, image in zip(seeds, plain):
-        assert np.array_equal(record["_wandb_images"][f"images/p00_s{seed}"][0], image)
+        assert np.array_equal(media[f"images/p00_s{seed}"][0], image)
     assert (tmp_path / "outputs/adhoc/figures/word_maps_p00.png").exists()
     assert sorted(record["summary"]) == sorted(job.metrics[0].summary_keys(job)) == [
         "word_maps/area", "word_maps/entropy", "word_maps/share", "word_maps/text_share"]
@@ -346,7 +346,7 @@ def test_word_maps_vs_stock_are_one_for_an_intervention_that_changes_nothing(tur
                                            "intervention.layer=20", "intervention.tap=6",
                                            "prompts.prompts=[a red fox in the snow]"])
     assert not job.is_stock
-    summary = execute(job, session)["summary"]
+    summary = execute(job, session).record["summary"]
     assert sorted(summary) == sorted(job.metrics[0].summary_keys(job))
     assert summary["word_maps/corr_stock"] == pytest.approx(1.0, abs=1e-12)
     assert summary["word_maps/iou_stock"] == 1.0
@@ -392,10 +392,10 @@ def test_concept_maps_leave_the_image_bit_identical(turbo, session, tmp_path, mo
     job = plan_job(tmp_path, monkeypatch, ["metrics=[concept_maps]", "model=turbo", f"sampler.fast={fast}",
                                            "metrics.concept_maps.concepts=[fox,snow,sky]",
                                            "prompts.prompts=[a red fox in the snow]", "seeds=[0,1]"])
-    record = execute(job, session)
+    record, media = execute(job, session)
     plain = images(turbo, "a red fox in the snow", seeds=[0, 1], fast=fast)
     for seed, image in zip([0, 1], plain):
-        assert np.array_equal(record["_wandb_images"][f"images/p00_s{seed}"][0], image)
+        assert np.array_equal(media[f"images/p00_s{seed}"][0], image)
     arrays = tmp_path / "outputs" / "adhoc" / "arrays"
     grid = np.load(arrays / "concept_maps.p00_s0.grid.npy")
     assert grid.shape == (3, 4, 4)

@@ -332,7 +332,7 @@ def test_conditioning_only_run_never_loads_dit_blocks_or_vae(job_ctx, session):
     fresh.models.parts.update({k: v for k, v in session.models.parts.items() if k[0] in ("tokenizer", "text_encoder")})
     ctx = job_ctx("metrics=[projector,fusion_attention,refiner_attention,cond_shift,slot_contribution,tap_norms]",
                   "conditioning_only=true")
-    record = execute(ctx.job, fresh)
+    record = execute(ctx.job, fresh).record
     assert fresh.models.load_counts.get("text_path") == 1
     assert "transformer" not in fresh.models.load_counts and "vae" not in fresh.models.load_counts
     assert not any(k[0] in ("transformer", "vae") for k in fresh.models.parts)

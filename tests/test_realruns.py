@@ -126,7 +126,7 @@ def test_a_replaced_checkpoint_under_the_same_path_changes_the_fingerprint(tmp_p
     from krea_sweeps.plan import plan
     from krea_sweeps.task import job_fingerprint
 
-    synthetic = sources_for(ModelVariant(name="turbo"))
+    synthetic = sources_for(ModelVariant(name="turbo", base="turbo"))
     checkpoint = tmp_path / "krea2.safetensors"
     shutil.copy(synthetic.transformer, checkpoint)
     overrides = ["metrics=[image_stats]", f"model.path={checkpoint}", f"model.text_encoder_path={synthetic.text_encoder}",
@@ -134,7 +134,7 @@ def test_a_replaced_checkpoint_under_the_same_path_changes_the_fingerprint(tmp_p
                  f"model.transformer_config={synthetic.transformer_config}"]
     before = job_fingerprint(plan(compose(overrides)))
     assert job_fingerprint(plan(compose(overrides))) == before  # stable while nothing changes
-    shutil.copy(sources_for(ModelVariant(name="raw")).transformer, checkpoint)  # same path, other weights
+    shutil.copy(sources_for(ModelVariant(name="raw", base="raw")).transformer, checkpoint)  # same path, other weights
     os.utime(checkpoint, ns=(1, 1))
     assert job_fingerprint(plan(compose(overrides))) != before
 
@@ -410,7 +410,7 @@ def test_names_keep_swept_values_and_leave_out_long_fixed_ones(monkeypatch):
 def _synthetic_single_file_args() -> list[str]:
     from krea_sweeps.models import ModelVariant, sources_for
 
-    s = sources_for(ModelVariant(name="raw"))
+    s = sources_for(ModelVariant(name="raw", base="raw"))
     return [f"model.path={s.transformer}", f"model.text_encoder_path={s.text_encoder}",
             f"model.tokenizer_path={s.tokenizer}", f"model.vae_path={s.vae}",
             f"model.transformer_config={s.transformer_config}"]

@@ -187,7 +187,7 @@ def test_single_file_round_trip_and_text_path_reads_only_its_tensors(turbo, monk
 def test_text_path_alone_matches_the_full_transformer(turbo):
     from krea_sweeps.models import LoadedModel, ModelVariant, TextPath
 
-    alone = LoadedModel(ModelVariant(name="turbo"))._load_text_path()
+    alone = LoadedModel(ModelVariant(name="turbo", base="turbo"))._load_text_path()
     full = TextPath.of(turbo.transformer)
     taps = torch.randn(1, 10, 12, 32)
     mask = torch.ones(1, 10, dtype=torch.bool)
@@ -301,7 +301,7 @@ def test_bf16_text_path_alone_matches_the_full_transformer_and_diffusers_dtype_r
 
     from krea_sweeps.models import LoadedModel, ModelVariant, TextPath
 
-    model = LoadedModel(ModelVariant(name="turbo", dtype="bfloat16", device="cpu"))
+    model = LoadedModel(ModelVariant(name="turbo", base="turbo", dtype="bfloat16", device="cpu"))
     alone, full = model._load_text_path(), model.transformer
     gen = torch.Generator().manual_seed(0)
     taps = torch.randn(2, 10, 12, 32, generator=gen).to(torch.bfloat16)
@@ -365,12 +365,12 @@ def test_turbo_lora_conditioning_follows_its_strength_after_a_generation_job(raw
     save_file(_lora_with_text_path_keys(raw), str(lora))
 
     def turbo_lora(strength: float) -> LoadedModel:
-        model = LoadedModel(ModelVariant(name="turbo_lora", lora_strength=strength, is_distilled=True, steps=1,
+        model = LoadedModel(ModelVariant(name="turbo_lora", base="raw", lora="turbo", lora_strength=strength, is_distilled=True, steps=1,
                                          guidance=0.0))
         model.sources = replace(model.sources, lora=str(lora))
         return model
 
-    assert not LoadedModel(ModelVariant(name="turbo_lora")).lora_touches_text_path  # synthetic LoRA: blocks only
+    assert not LoadedModel(ModelVariant(name="turbo_lora", base="raw", lora="turbo")).lora_touches_text_path  # synthetic LoRA: blocks only
     generating = turbo_lora(1.0)
     assert generating.lora_touches_text_path
     layers = tuple(raw.variant.select_layers)
@@ -393,12 +393,12 @@ def test_variant_identity_is_resolved_and_keys_the_stock_images(monkeypatch):
     from krea_sweeps.plan import plan
     from krea_sweeps.task import baseline_key
 
-    auto = ModelVariant(name="turbo").identity()
-    assert auto == ModelVariant(name="turbo", dtype="float32", device="cpu").identity()  # `auto` resolved
+    auto = ModelVariant(name="turbo", base="turbo").identity()
+    assert auto == ModelVariant(name="turbo", base="turbo", dtype="float32", device="cpu").identity()  # `auto` resolved
     assert auto["dtype"] == "torch.float32" and auto["device"] == "cpu"
-    assert auto["transformer"] == sources_for(ModelVariant(name="turbo")).transformer
+    assert auto["transformer"] == sources_for(ModelVariant(name="turbo", base="turbo")).transformer
     assert auto["synthetic_version"] == synthetic.SYNTHETIC_VERSION
-    assert ModelVariant(name="turbo", dtype="bfloat16").identity() != auto
+    assert ModelVariant(name="turbo", base="turbo", dtype="bfloat16").identity() != auto
 
     job = plan(compose(["metrics=[image_stats]"]))
     key = baseline_key(job, "a fox", 0, compiled_blocks=False)
@@ -413,9 +413,9 @@ def test_variant_identity_is_resolved_and_keys_the_stock_images(monkeypatch):
 
     # A new synthetic model (version bump) moves every part: the stock images' and the encode cache's keys
     # (prompts.EncodeCache keys on `sources.text_encoder`) both change.
-    before = sources_for(ModelVariant(name="turbo"), ensure=False)
+    before = sources_for(ModelVariant(name="turbo", base="turbo"), ensure=False)
     monkeypatch.setattr(synthetic, "SYNTHETIC_VERSION", "v-next")
-    after = sources_for(ModelVariant(name="turbo"), ensure=False)
+    after = sources_for(ModelVariant(name="turbo", base="turbo"), ensure=False)
     assert after.text_encoder != before.text_encoder and after.transformer != before.transformer
     assert baseline_key(job, "a fox", 0, compiled_blocks=False) != key
 

@@ -1,14 +1,19 @@
-"""The metric protocol: `needs` (what must be loaded or generated) and `compute(job) -> MetricOutput`."""
+"""The metric protocol: `needs` (what must be loaded or generated), checks against the planned `Job` before any load,
+and `compute(ctx: JobContext) -> MetricOutput` once the job has run (`krea_sweeps.context`)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..context import JobContext
+    from ..plan import Job
 
 # In a declared summary key, stands for a block index (`fusion_attention/block<i>/hub_layer`): how many blocks a
 # checkpoint has is known only once it is loaded, and keys are checked before that.
@@ -34,7 +39,7 @@ class Metric:
     name: ClassVar[str] = "metric"
     needs: ClassVar[frozenset] = frozenset()
 
-    def validate(self, job: Any) -> None:
+    def validate(self, job: Job) -> None:
         """Checks against the planned job (e.g. a baseline-able config); raise ConfigError. Runs before model load.
         Subclasses that add checks call `super().validate(job)`."""
         cfg = getattr(job, "cfg", None)
@@ -44,13 +49,14 @@ class Metric:
                               "configured conditioning-only (conditioning_only=true)",
                               f"drop {self.name} from metrics=[...] or set conditioning_only=false")
 
-    def summary_keys(self, job: Any) -> list[str] | None:
+    def summary_keys(self, job: Job) -> list[str] | None:
         """Every summary key `compute` reports for `job` (`BLOCK_INDEX` standing for a block index), known before any
         model loads, so that a misspelt `objective` stops the sweep before its first job. Built from the same
         constants `compute` builds its summary from. None: not declared (checked only after the first job)."""
         return None
 
-    def compute(self, job: Any) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
+        """The metric on the job that ran: `ctx.job` (the plan), `ctx.model`, `ctx.encoded`, `ctx.images`, …"""
         raise NotImplementedError
 
 

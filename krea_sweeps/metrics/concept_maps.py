@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ import torch
 from ..errors import require
 from .base import Metric, MetricOutput
 from .word_maps import MapSink, checked_blocks, latent_grid, map_stats, swapped_processors, upsample
+
+if TYPE_CHECKING:
+    from ..context import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +202,7 @@ class ConceptMaps(Metric):
         for seed, maps in sink.means().items():
             store[(p, seed)] = maps  # [N, C]
 
-    def compute(self, ctx) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         from .figures import word_map_grid
 
         kind = "stock" if ctx.job.is_stock else "job"
@@ -207,7 +210,7 @@ class ConceptMaps(Metric):
         store = ctx.cache.setdefault((self.name, kind), {})
         missing = [k for k in keys if k not in store]
         if missing:  # the images came from the stock-image cache: run them again, recording (and check they match)
-            from ..task import generate_images
+            from ..context import generate_images
 
             again = generate_images(ctx, ctx.model.pipeline(), kind == "job", missing, "concept maps")
             for k in missing:

@@ -12,20 +12,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..errors import require
+from ..errors import require, require_choice
 from .attention import average_layer_stats, layer_attention_stats, token_attention_stats
 from .base import BLOCK_INDEX, Metric, MetricOutput
 from .trace import text_trace
 
+if TYPE_CHECKING:
+    from ..context import JobContext
+
 log = logging.getLogger(__name__)
 
 CONDITIONING = frozenset({"text_encoder", "text_path"})
-VARIANTS = ("raw", "turbo", "turbo_lora")
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -47,7 +49,7 @@ def prompt_row(ctx, p: int) -> dict:
 
 
 def caption(ctx, what: str) -> str:
-    from ..task import intervention_label
+    from ..plan import intervention_label
 
     return f"{what} | {ctx.job.variant.name} | prompts={ctx.job.prompt_set.name} | {intervention_label(ctx.job)}"
 
@@ -101,7 +103,7 @@ class ProjectorWeights(Metric):
     name: ClassVar[str] = "projector"
     needs: ClassVar[frozenset] = CONDITIONING
 
-    reference: str | None = None  # a variant name (raw, turbo, turbo_lora) whose stock projector to compare with
+    reference: str | None = None  # the DiT weights (raw | turbo) whose stock projector to compare with
     reference_path: str | None = None  # its checkpoint when the job runs a real model (synthetic: derived)
 
     PER_LAYER: ClassVar[tuple] = ("stock", "effective", "sign", "effective_sign")
@@ -123,8 +125,9 @@ class ProjectorWeights(Metric):
             require(self.reference_path is None, "metrics.projector.reference", "reference_path given without a "
                     "reference variant", "set metrics.projector.reference=raw (or turbo) too")
             return
-        require(self.reference in VARIANTS, "metrics.projector.reference", f"unknown variant {self.reference!r}",
-                f"use one of {', '.join(VARIANTS)}")
+        from ..models import BASES
+
+        require_choice(self.reference, BASES, "metrics.projector.reference", "DiT weights")
         if self.reference_path is None:
             require(job.variant.synthetic, "metrics.projector.reference_path", "the job runs a real checkpoint, "
                     "so the reference variant needs one too", "set metrics.projector.reference_path=/path/to/"
@@ -132,16 +135,20 @@ class ProjectorWeights(Metric):
         else:
             require(Path(self.reference_path).exists(), "metrics.projector.reference_path",
                     f"{self.reference_path} does not exist", "give a Krea 2 DiT .safetensors or a diffusers folder")
-        self.reference_weights()  # fail now, before any model load, if it holds no projector
+        self.reference_weights(job.variant)  # fail now, before any model load, if it holds no projector
 
-    def reference_weights(self) -> np.ndarray:
+    def reference_weights(self, variant) -> np.ndarray:
+        """The reference projector: from `reference_path`, or (synthetic) the job's own synthetic model with the
+        reference's DiT weights."""
         if self.reference_path is not None:
             return read_projector(self.reference_path)
-        from ..models import ModelVariant, sources_for
+        from dataclasses import replace
 
-        return read_projector(sources_for(ModelVariant(name=self.reference)).transformer)
+        from ..models import sources_for
 
-    def compute(self, ctx) -> MetricOutput:
+        return read_projector(sources_for(replace(variant, base=self.reference, lora=None)).transformer)
+
+    def compute(self, ctx: JobContext) -> MetricOutput:
         labels = layer_labels(ctx)
         stock_trace, trace = text_trace(ctx, intervened=False), text_trace(ctx, intervened=True)
         stock = stock_trace.prompts[0].weight.double().numpy()
@@ -166,7 +173,7 @@ class ProjectorWeights(Metric):
         arrays = {"stock": stock, "effective": effective}
         series = {"stock": stock, "effective": effective}
         if self.reference is not None:
-            ref = self.reference_weights()
+            ref = self.reference_weights(ctx.job.variant)
             require(ref.shape == stock.shape, "metrics.projector.reference", f"reference has {ref.size} weights, "
                     f"the job's model {stock.size}", "compare variants of the same model")
             for i, lab in enumerate(labels):
@@ -217,7 +224,7 @@ class FusionAttention(Metric):
         return ([f"{self.name}/{k}" for k in self.SCALARS] + per_layer(block, self.PER_LAYER, labels_of(job.variant))
                 + [f"{block}/{k}" for k in self.BLOCK_STATS])
 
-    def compute(self, ctx) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         from .figures import heatmap, heatmap_grid
 
         labels = layer_labels(ctx)
@@ -288,7 +295,7 @@ class RefinerAttention(Metric):
         require(isinstance(self.window, int) and self.window >= 0, "metrics.refiner_attention.window",
                 f"{self.window!r} is not a non-negative integer", "give e.g. window=8")
 
-    def compute(self, ctx) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         from .figures import heatmap
 
         trace = text_trace(ctx, intervened=True, parts={"refiner_attention"})
@@ -330,7 +337,7 @@ class CondShift(Metric):
     def summary_keys(self, job) -> list[str]:
         return [f"{self.name}/{stage}/{stat}" for stage in self.STAGES for stat in self.STATS]
 
-    def compute(self, ctx) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         stock = text_trace(ctx, intervened=False, parts={"normed"})
         trace = text_trace(ctx, intervened=True, parts={"normed"})
         rows = []
@@ -362,7 +369,7 @@ class SlotContribution(Metric):
         scalars = [f"{self.name}/{k}" for k in self.SCALARS]
         return per_layer(self.name, self.PER_LAYER, labels_of(job.variant)) + scalars
 
-    def compute(self, ctx) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         labels = layer_labels(ctx)
         trace = text_trace(ctx, intervened=True)
         rows, per_prompt = [], []
@@ -422,7 +429,7 @@ class TapNorms(Metric):
         labels = labels_of(job.variant)
         return [f"{self.name}/{lab}" for lab in labels] + [self.growth_key(labels)]
 
-    def compute(self, ctx) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         labels = layer_labels(ctx)
         trace = text_trace(ctx, intervened=True)
         rows, norms = [], []

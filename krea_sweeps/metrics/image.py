@@ -6,12 +6,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import require
 from .base import Metric, MetricOutput
+
+if TYPE_CHECKING:
+    from ..context import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +76,9 @@ class ImageStats(Metric):
     def summary_keys(self, job) -> list[str]:
         return [f"{self.name}/{k}" for k in IMAGE_STATS]
 
-    def compute(self, job) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         rows = []
-        for (p, seed), image in job.images.items():
+        for (p, seed), image in ctx.images.items():
             rows.append({"prompt_idx": p, "seed": seed, **image_statistics(image)})
         return MetricOutput(summary=summarise(rows, self.name, IMAGE_STATS), rows=rows)
 
@@ -106,10 +109,10 @@ class ImageDistance(Metric):
         if job.is_stock:
             log.info("image_distance on a stock job: every distance is 0 by definition")
 
-    def compute(self, job) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         rows = []
-        for (p, seed), image in sorted(job.images.items()):
-            stock = job.baseline_images.get((p, seed))
+        for (p, seed), image in sorted(ctx.images.items()):
+            stock = ctx.baseline_images.get((p, seed))
             if stock is None:
                 raise RuntimeError(f"image_distance: no stock image for prompt {p}, seed {seed} (task.py makes them "
                                    "when a metric needs 'baseline')")
@@ -135,11 +138,11 @@ class Diversity(Metric):
         require(len(job.seeds) >= 2, "seeds", f"diversity compares seeds within a job, which has only {job.seeds}",
                 "give a list of seeds to one job, e.g. seeds=[0,1,2] (not a -m sweep over seeds)")
 
-    def compute(self, job) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         rows = []
-        prompts = sorted({p for p, _ in job.images})
+        prompts = sorted({p for p, _ in ctx.images})
         for p in prompts:
-            images = [job.images[(p, s)] for s in job.seeds if (p, s) in job.images]
+            images = [ctx.images[(p, s)] for s in ctx.seeds if (p, s) in ctx.images]
             pairs = [rgb_rms(a, b) for i, a in enumerate(images) for b in images[i + 1:]]
             rows.append({"prompt_idx": p, "rgb_rms": float(np.mean(pairs)), "pairs": len(pairs)})
         return MetricOutput(summary=summarise(rows, self.name, self.STATS), rows=rows)
@@ -179,7 +182,7 @@ class ClipScore(Metric):
                 f"{folder} is not a CLIP model (config.json model_type: {model_type!r})",
                 "give a transformers CLIP folder, e.g. a download of openai/clip-vit-base-patch32")
 
-    def compute(self, job) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         if self.path is None:
             log.warning("clip_score skipped: no CLIP model path (set metrics.clip_score.path or KREA2_CLIP)")
             return MetricOutput()
@@ -188,9 +191,9 @@ class ClipScore(Metric):
 
         model = CLIPModel.from_pretrained(self.path, local_files_only=True).eval()
         processor = CLIPProcessor.from_pretrained(self.path, local_files_only=True)
-        keys = sorted(job.images)
-        images = [(np.clip(job.images[k], 0, 1) * 255).round().astype(np.uint8) for k in keys]
-        texts = [job.prompts[p] for p, _ in keys]
+        keys = sorted(ctx.images)
+        images = [(np.clip(ctx.images[k], 0, 1) * 255).round().astype(np.uint8) for k in keys]
+        texts = [ctx.prompts[p] for p, _ in keys]
         with torch.no_grad():
             inputs = processor(text=texts, images=images, return_tensors="pt", padding=True, truncation=True)
             image_emb = model.get_image_features(pixel_values=inputs["pixel_values"])

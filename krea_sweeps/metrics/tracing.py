@@ -17,7 +17,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from ..interventions.hooks import Always, Op, attach, capture
 from ..interventions.patch import Patch, token_alignment
 from ..interventions.sites import NUM_SLOTS, SITES
 from .base import Metric, MetricOutput
+
+if TYPE_CHECKING:
+    from ..context import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +194,9 @@ class Restoration(Metric):
         super().validate(job)
         the_patch(job)
 
-    def compute(self, ctx) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         from ..interventions import applied
-        from ..task import stock_images_of
+        from ..context import stock_images_of
         from .image import rgb_rms
 
         patch = the_patch(ctx.job)
@@ -249,7 +252,7 @@ class Attribution(Metric):
         super().validate(job)
         the_patch(job)
 
-    def compute(self, ctx) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         from ..sampler import trim_padding
 
         patch = the_patch(ctx.job)

@@ -31,13 +31,16 @@ import math
 import re
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import require
 from .base import Metric, MetricOutput
+
+if TYPE_CHECKING:
+    from ..context import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +321,7 @@ class WordMaps(Metric):
         what this metric aggregates (blocks, steps)."""
         import hashlib
 
-        from ..task import baseline_folder, baseline_key
+        from ..context import baseline_folder, baseline_key
 
         base = baseline_key(ctx.job, ctx.job.prompts[key[0]], key[1], bool(ctx.compiled_blocks))
         what = hashlib.sha1(json.dumps([self.name, self.blocks, self.steps]).encode()).hexdigest()[:8]
@@ -341,7 +344,7 @@ class WordMaps(Metric):
                     store[k] = saved["maps"]
         missing = [k for k in keys if k not in store]
         if missing:
-            from ..task import generate_images
+            from ..context import generate_images
 
             log.info("word_maps: regenerating %d %s image(s) to record their maps (they came from the cache)",
                      len(missing), kind)
@@ -353,7 +356,7 @@ class WordMaps(Metric):
         return {k: store[k] for k in keys}
 
     # ---- summaries
-    def compute(self, ctx) -> MetricOutput:
+    def compute(self, ctx: JobContext) -> MetricOutput:
         from ..prompts import body_and_tail
 
         keys = sorted(ctx.images)
