@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .plan import Job
+from .plan import Job, intervention_label
 from .session import Session
 
 
@@ -121,6 +121,30 @@ class JobContext:
     @property
     def text_path(self):
         return self.model.text_path
+
+    @property
+    def intervention_label(self) -> str:
+        """The job's interventions in one line (captions, run names)."""
+        return intervention_label(self.job)
+
+    # What a metric may ask of the job besides what it ran (the metric never imports the layer that runs it).
+    def stock_images(self, prompt: str, seeds: list[int]) -> dict[int, np.ndarray]:
+        """Stock images of any prompt at `seeds`, through the sweep's stock-image cache."""
+        return stock_images_of(self, prompt, seeds)
+
+    def generate(self, keys: list[tuple[int, int]], with_interventions: bool, desc: str) -> dict:
+        """The job's prompts at (prompt, seed) `keys` generated again, with or without its interventions (what a
+        metric that records during generation does when the images came from a cache)."""
+        return generate_images(self, self.model.pipeline(), with_interventions, keys, desc)
+
+    def stock_key(self, prompt: str, seed: int) -> str:
+        """The cache key of `prompt`'s stock image at `seed` (a metric keys its own stock-side files by it)."""
+        return baseline_key(self.job, prompt, seed, bool(self.compiled_blocks))
+
+    @property
+    def baseline_folder(self) -> Path:
+        """The sweep's `_baselines/` (stock images and what metrics keep beside them)."""
+        return baseline_folder(self.job)
 
     def encode(self, prompts: list[str], layers: tuple[int, ...] | None = None):
         """Encoded prompts (cached); `layers` = other encoder hidden states than the 12 taps (the Diffusion Lens)."""

@@ -42,16 +42,3 @@ def require_finite(values, key: str) -> None:
             raise ConfigError(key, f"{v!r} is not a number", f"give a number, e.g. {key}=1.0")
         if not math.isfinite(v):
             raise ConfigError(key, f"{v} is not a finite number", "give finite values (no NaN or inf)")
-
-
-def as_float(value, key: str) -> float:
-    """`value` as a finite float, or a ConfigError naming `key`."""
-    require_finite(value, key)
-    return float(value)
-
-
-def as_int(value, key: str, example: int = 8) -> int:
-    """`value` as an int (a float only when whole, e.g. 8.0), or a ConfigError naming `key`."""
-    whole = _is_number(value) and math.isfinite(value) and float(value).is_integer()
-    require(whole, key, f"{value!r} is not a whole number", f"give an integer, e.g. {key}={example}")
-    return int(value)

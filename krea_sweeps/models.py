@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, as_float, as_int, require, require_choice
+from .configs import VariantFields
+from .errors import ConfigError, require, require_finite
 from .memory import (OFFLOAD_MODES, Activations, JobMemory, ModelCache, PartSize, part_size_from_safetensors,
                      safetensors_files)
 from .synthetic import SELECT_LAYERS, SCHEDULER_CONFIG, RandomWeights
@@ -37,8 +38,6 @@ PROJECTOR_KEYS = ("txtfusion.projector.weight", "model.diffusion_model.txtfusion
                   "diffusion_model.txtfusion.projector.weight", "text_fusion.projector.weight")
 
 
-BASES = ("raw", "turbo")  # the DiT checkpoints a variant can start from
-LORAS = ("turbo",)  # the LoRAs a variant can apply on top (the synthetic model writes each as <lora>_lora.safetensors)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -73,45 +72,21 @@ class TextPath(nn.Module):
 
 
 @dataclass
-class ModelVariant:
+class ModelVariant(VariantFields):
     """One Krea 2 variant. `path=None` means the synthetic model (CPU, seconds, not Krea 2's numbers), whose weights
     `synthetic_weights` writes into the cache: the trained toy (`model/synthetic_weights=toy`, the config default) or
     the random-weight one (`random`, the default when built in code: plumbing needs no training)."""
 
-    name: str  # a label (runs, tags, captions): what the variant *is* comes from `base` and `lora`
-    base: str  # which DiT weights: raw | turbo (declared by the variant's YAML; turbo_lora's are raw's)
-    lora: str | None = None  # the LoRA the variant applies on top of `base`: turbo (the Turbo LoRA) or null
-    path: str | None = None
-    text_encoder_path: str | None = None
-    tokenizer_path: str | None = None
-    vae_path: str | None = None
-    transformer_config: str | None = None
-    lora_path: str | None = None
-    lora_strength: float = 1.0
-    is_distilled: bool = False
-    steps: int = 28
-    guidance: float = 4.5
-    device: str = "auto"
-    dtype: str = "auto"
-    allow_network: bool = False
-    offload: Any = "none"
-    memory_budget_gb: Any = "auto"
-    select_layers: list[int] = field(default_factory=lambda: list(SELECT_LAYERS))
     synthetic_weights: Any = field(default_factory=RandomWeights)
 
     def __post_init__(self):
-        require_choice(self.base, BASES, "model.base", "DiT weights")
-        if self.lora is not None:
-            require_choice(self.lora, LORAS, "model.lora", "LoRA")
-        # Hydra passes command-line text it cannot parse (`model.guidance=abc`) as a string: convert here, once.
-        self.lora_strength = as_float(self.lora_strength, "model.lora_strength")
-        self.steps = as_int(self.steps, "model.steps")
+        # Types and choices (base, lora, dtype, numbers) are checked by composition (`configs.VariantFields`); what
+        # remains are ranges and facts about files.
+        require_finite(self.lora_strength, "model.lora_strength")
+        require_finite(self.guidance, "model.guidance")
         require(self.steps >= 1, "model.steps", f"{self.steps} steps", "give at least 1 step")
-        self.guidance = as_float(self.guidance, "model.guidance")
         require(self.guidance >= 0, "model.guidance", f"{self.guidance} < 0",
                 "use 0 for no CFG, 4.5 for Raw (diffusers' convention: = CFG 5.5)")
-        require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}",
-                "use auto, float32, bfloat16 or float16")
         # allow_network only lets a hub id in model.path be fetched; with no path the synthetic model would run, which
         # is not what someone who turned on the network meant.
         require(not (self.allow_network and self.path is None), "model.allow_network",
@@ -128,7 +103,8 @@ class ModelVariant:
                     f"offload={self.offload} moves parts between CPU memory and an accelerator, but this job runs on "
                     f"the CPU (model.device={self.device})", "use model.offload=none (or run on a GPU machine)")
         if self.memory_budget_gb not in (None, "auto"):
-            self.memory_budget_gb = as_float(self.memory_budget_gb, "model.memory_budget_gb")
+            require_finite(self.memory_budget_gb, "model.memory_budget_gb")
+            self.memory_budget_gb = float(self.memory_budget_gb)
             require(self.memory_budget_gb > 0, "model.memory_budget_gb", f"{self.memory_budget_gb} GB",
                     "give a positive number of GB, or auto (90% of the device)")
         if self.path is not None:

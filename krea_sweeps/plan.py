@@ -95,6 +95,10 @@ def study_slug(search: str, preset: str, direction, objective) -> str:
 
 
 def register_resolvers() -> None:
+    """Our resolvers and the typed groups' schemas (`configs`): everything composition needs, registered once."""
+    from .configs import register_schemas
+
+    register_schemas()
     if not OmegaConf.has_resolver("job_slug"):
         OmegaConf.register_new_resolver("job_slug", job_slug)
     if not OmegaConf.has_resolver("study_slug"):

@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .configs import PromptFileFields, PromptSetFields
 from .errors import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,8 @@ RAW_ROUTE_MARK = "<|im_start|>"
 
 # ----------------------------------------------------------------------------------------------------- prompt sets
 @dataclass
-class PromptSet:
+class PromptSet(PromptSetFields):
     """A named list of prompts (`conf/prompts/<name>.yaml`)."""
-
-    name: str
-    prompts: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.prompts = [str(p) for p in self.prompts]
@@ -63,10 +61,8 @@ class PromptSet:
 
 
 @dataclass
-class PromptFile(PromptSet):
+class PromptFile(PromptFileFields, PromptSet):
     """One prompt per line; blank lines and `#` comments are skipped (`prompts=file prompts.path=...`)."""
-
-    path: str | None = None
 
     def __post_init__(self):
         require(self.path is not None, "prompts.path", "no prompt file given", "set prompts.path=/path/to/prompts.txt")

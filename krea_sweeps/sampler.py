@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import as_float, as_int, require
+from .configs import SamplerFields
+from .errors import require, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -134,45 +135,26 @@ class DenoiseState:
 
 
 @dataclass
-class Sampler:
+class Sampler(SamplerFields):
     """Steps/guidance default to the variant's (Raw 28 / 4.5 CFG, Turbo 8 / 0); resolution to 64² on the synthetic
     model and 1024² on the real one. `fast` is off when built in code (bit-identical to diffusers' own call) and on in
     `conf/sampler/default.yaml`; the four levers below it only act when `fast` is on."""
 
-    steps: int | None = None
-    guidance: float | None = None
-    height: int | None = None
-    width: int | None = None
-    max_sequence_length: int = 512
-    negative_prompt: str = ""
-    fast: bool = False
-    trim_padding: bool = True
-    cache_text_path: bool = True
-    batch_seeds: bool = False
-    compile: bool | str = "auto"
-
     def __post_init__(self):
-        # Numbers are converted here, once: Hydra passes command-line text it cannot parse (`=abc`) as a string.
+        # Types are checked by composition (`configs.SamplerFields`); what remains are ranges.
         for key in ("height", "width"):
             value = getattr(self, key)
-            if value is not None:
-                value = as_int(value, f"sampler.{key}", example=1024)
-                setattr(self, key, value)
             require(value is None or (value > 0 and value % 16 == 0), f"sampler.{key}",
-                    f"{value} is not a positive multiple of 16", f"use e.g. sampler.{key}=1024 (or 64 on the synthetic model)")
+                    f"{value} is not a positive multiple of 16",
+                    f"use e.g. sampler.{key}=1024 (or 64 on the synthetic model)")
         if self.steps is not None:
-            self.steps = as_int(self.steps, "sampler.steps")
             require(self.steps >= 1, "sampler.steps", f"{self.steps} steps", "give at least 1 step")
         if self.guidance is not None:
-            self.guidance = as_float(self.guidance, "sampler.guidance")
+            require_finite(self.guidance, "sampler.guidance")
             require(self.guidance >= 0, "sampler.guidance", f"{self.guidance} < 0",
                     "use 0 for no CFG, 4.5 for Raw (diffusers' convention: = CFG 5.5)")
-        self.max_sequence_length = as_int(self.max_sequence_length, "sampler.max_sequence_length", example=512)
         require(self.max_sequence_length >= 1, "sampler.max_sequence_length", f"{self.max_sequence_length}",
                 "give a positive token count (Krea 2 uses 512)")
-        for key in ("fast", "trim_padding", "cache_text_path", "batch_seeds"):
-            require(isinstance(getattr(self, key), bool), f"sampler.{key}", f"{getattr(self, key)!r} is not a boolean",
-                    f"use sampler.{key}=true or false")
         require(self.compile in (True, False, "auto"), "sampler.compile", f"{self.compile!r}",
                 "use auto (CUDA only), true or false")
 

@@ -23,7 +23,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .errors import ConfigError, did_you_mean, require, require_choice
+from .configs import composition_error
+from .errors import ConfigError, require, require_choice
 from .plan import SWEPT_KEYS_ENV, register_resolvers
 
 log = logging.getLogger("krea_sweeps")
@@ -73,14 +74,12 @@ def check_keys_compose(argv: list[str], conf_dir: Path = CONF) -> None:
             cfg = compose(config_name="config", overrides=overrides)
     except HydraException as e:
         key = _failing_key(str(e), overrides)
+        typed = composition_error(e, lambda: config_keys(conf_dir, [o for o in overrides if not _sets(o, key)]))
+        if typed is not None:  # a typed group's type, choice or key (configs.py), or a key no group has
+            raise typed from None
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        problem = lines[-1] if lines else type(e).__name__
-        hint = ""
-        if "not in struct" in str(e) or "Could not override" in str(e):
-            problem = "no such key in this config"
-            hint = did_you_mean(key, config_keys(conf_dir, [o for o in overrides if not _sets(o, key)]))
-        raise ConfigError(key, problem, f"{hint}check the spelling (`python run.py --cfg job` lists every key; "
-                          "`++key=value` adds a new one)") from None
+        raise ConfigError(key, lines[-1] if lines else type(e).__name__, "check the spelling (`python run.py --cfg "
+                          "job` lists every key; `++key=value` adds a new one)") from None
     if not any(a.lstrip("+~").startswith(("hydra.run.dir", "hydra.sweep.dir")) for a in argv):
         check_writable(Path("outputs") / str(cfg.get("name", "default")))
 
@@ -163,7 +162,8 @@ def check_launcher(config: DictConfig) -> None:
     needs = OmegaConf.select(config, "sweep.launcher_needs", default=None) or {}
     for command in needs.get(launcher) or []:
         require(shutil.which(str(command)) is not None, "hydra/launcher",
-                f"hydra/launcher={launcher} needs `{command}`, which is not on PATH (not a login node of that cluster?)",
+                f"hydra/launcher={launcher} needs `{command}`, which is not on PATH (not a login node of that "
+                "cluster?)",
                 "run on the cluster's login node, or use hydra/launcher=local (processes here) or no launcher "
                 "override (one process, shared model cache)")
 
@@ -232,12 +232,12 @@ def check_sweep(config: DictConfig) -> None:
         try:
             job_cfg = loader.load_sweep_config(config, job_overrides)
         except Exception as e:
-            bad = _bad_key(str(e), list(job))
-            hint = did_you_mean(bad, dotted_keys(OmegaConf.to_container(config, resolve=False))) \
-                if "not in struct" in str(e) or "Could not override" in str(e) else ""
-            raise ConfigError(bad, f"this sweep cannot be composed ({str(e).splitlines()[0].strip()})",
-                              f"{hint}check the key and value (`python run.py --cfg job` lists the keys); "
-                              "prefix + to add a new key") from None
+            typed = composition_error(e, lambda: dotted_keys(OmegaConf.to_container(config, resolve=False)))
+            if typed is not None:
+                raise ConfigError(typed.key, f"{typed.problem} (sweep job: {where})", typed.fix) from None
+            raise ConfigError(_bad_key(str(e), list(job)), f"this sweep cannot be composed "
+                              f"({str(e).splitlines()[0].strip()})", "check the key and value (`python run.py --cfg "
+                              "job` lists the keys); prefix + to add a new key") from None
         try:
             check_job(job_cfg, optuna=is_optuna)
         except ConfigError as e:

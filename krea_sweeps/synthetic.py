@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from .configs import SELECT_LAYERS  # noqa: F401 - Krea 2's tapped encoder layers (declared with the model schema)
 from .tokenizer import default_cache_dir, load_qwen_tokenizer
 
 # Bump when the synthetic architecture or seeding changes, so stale caches are never reused.
 SYNTHETIC_VERSION = "v1"
-SELECT_LAYERS = (2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35)
 VARIANT_SEEDS = {"raw": 0, "turbo": 1}
 TEXT_DIM = 32
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import require_choice
+from .configs import WandbFields
 
 if TYPE_CHECKING:
     from .plan import Job
@@ -72,15 +72,8 @@ class ServerCheck:
 
 
 @dataclass
-class WandbConfig:
-    mode: str = "auto"  # auto | online | offline | disabled
-    project: str = "krea_sweeps"
-    entity: str | None = None
-    tags: list[str] = field(default_factory=list)
-    log_images: bool = True
-
-    def __post_init__(self):
-        require_choice(self.mode, ("auto", "online", "offline", "disabled"), "wandb.mode", "mode")
+class WandbConfig(WandbFields):
+    """`wandb`: the fields and their choices are `configs.WandbFields` (checked by composition)."""
 
     def resolved_mode(self, server: ServerCheck | None = None) -> str:
         """`auto` is online with an API key; online falls back to offline (asked once per `server` — the session's —

@@ -1,7 +1,7 @@
 """The package's shape, checked from its source with `ast` (no imports run): no import cycle anywhere in
 krea_sweeps/ (function-level imports count too: a cycle hidden in a function is still a cycle), and the parts that
-plug into a job — `metrics/`, `interventions/` — never import the layers that run jobs (`task`, `runner`, `sweeps`,
-`batch`)."""
+plug into a job — `metrics/`, `interventions/` — never import the layers that plan and run jobs (`plan`, `context`,
+`task`, `runner`, `sweeps`, `batch`): a metric is handed its `JobContext` and asks it for what it needs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "krea_sweeps"
-JOB_LAYERS = ("krea_sweeps.task", "krea_sweeps.runner", "krea_sweeps.sweeps", "krea_sweeps.batch")
+JOB_LAYERS = ("krea_sweeps.plan", "krea_sweeps.context", "krea_sweeps.task", "krea_sweeps.runner",
+              "krea_sweeps.sweeps", "krea_sweeps.batch")
 
 
 def module_name(path: Path) -> str:
@@ -95,6 +96,12 @@ def test_the_graph_is_read_from_the_source():
     graph = import_graph()
     assert "krea_sweeps.runner" in graph and "krea_sweeps.metrics.word_maps" in graph
     assert "krea_sweeps.plan" in graph["krea_sweeps.runner"]  # a known edge: the check can see edges
+
+
+def test_annotation_only_imports_are_not_edges():
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .task import X\nimport os\n")
+    kept = without_type_checking_blocks(tree)
+    assert [type(n).__name__ for n in kept.body] == ["ImportFrom", "Import"]
 
 
 def test_the_cycle_finder_finds_a_cycle():

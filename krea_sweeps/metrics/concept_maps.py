@@ -210,9 +210,7 @@ class ConceptMaps(Metric):
         store = ctx.cache.setdefault((self.name, kind), {})
         missing = [k for k in keys if k not in store]
         if missing:  # the images came from the stock-image cache: run them again, recording (and check they match)
-            from ..context import generate_images
-
-            again = generate_images(ctx, ctx.model.pipeline(), kind == "job", missing, "concept maps")
+            again = ctx.generate(missing, kind == "job", "concept maps")
             for k in missing:
                 if not np.array_equal(again[k], ctx.images[k]):
                     raise RuntimeError(f"concept_maps: image {k} came out different when regenerated")

@@ -49,9 +49,7 @@ def prompt_row(ctx, p: int) -> dict:
 
 
 def caption(ctx, what: str) -> str:
-    from ..plan import intervention_label
-
-    return f"{what} | {ctx.job.variant.name} | prompts={ctx.job.prompt_set.name} | {intervention_label(ctx.job)}"
+    return f"{what} | {ctx.job.variant.name} | prompts={ctx.job.prompt_set.name} | {ctx.intervention_label}"
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,9 +123,9 @@ class ProjectorWeights(Metric):
             require(self.reference_path is None, "metrics.projector.reference", "reference_path given without a "
                     "reference variant", "set metrics.projector.reference=raw (or turbo) too")
             return
-        from ..models import BASES
+        from ..configs import Base
 
-        require_choice(self.reference, BASES, "metrics.projector.reference", "DiT weights")
+        require_choice(self.reference, [b.value for b in Base], "metrics.projector.reference", "DiT weights")
         if self.reference_path is None:
             require(job.variant.synthetic, "metrics.projector.reference_path", "the job runs a real checkpoint, "
                     "so the reference variant needs one too", "set metrics.projector.reference_path=/path/to/"

@@ -196,7 +196,6 @@ class Restoration(Metric):
 
     def compute(self, ctx: JobContext) -> MetricOutput:
         from ..interventions import applied
-        from ..context import stock_images_of
         from .image import rgb_rms
 
         patch = the_patch(ctx.job)
@@ -214,7 +213,7 @@ class Restoration(Metric):
                    "cond": restoration(float(distance(f_p, f_a, rows_b, rows_a)),
                                        float(distance(f_b, f_a, rows_b, rows_a)))}
             if self.images:
-                clean = stock_images_of(ctx, prompt_a, ctx.job.seeds)
+                clean = ctx.stock_images(prompt_a, ctx.job.seeds)
                 for s in ctx.job.seeds:
                     d_p = rgb_rms(ctx.images[(p, s)], clean[s])
                     d_b = rgb_rms(ctx.baseline_images[(p, s)], clean[s])

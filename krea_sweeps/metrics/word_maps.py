@@ -321,11 +321,9 @@ class WordMaps(Metric):
         what this metric aggregates (blocks, steps)."""
         import hashlib
 
-        from ..context import baseline_folder, baseline_key
-
-        base = baseline_key(ctx.job, ctx.job.prompts[key[0]], key[1], bool(ctx.compiled_blocks))
+        base = ctx.stock_key(ctx.job.prompts[key[0]], key[1])
         what = hashlib.sha1(json.dumps([self.name, self.blocks, self.steps]).encode()).hexdigest()[:8]
-        return baseline_folder(ctx.job) / f"{base}.{self.name}-{what}.safetensors"
+        return ctx.baseline_folder / f"{base}.{self.name}-{what}.safetensors"
 
     def save_stock(self, ctx, key, maps: torch.Tensor) -> None:
         from ..files import save_verified
@@ -344,11 +342,9 @@ class WordMaps(Metric):
                     store[k] = saved["maps"]
         missing = [k for k in keys if k not in store]
         if missing:
-            from ..context import generate_images
-
             log.info("word_maps: regenerating %d %s image(s) to record their maps (they came from the cache)",
                      len(missing), kind)
-            images = generate_images(ctx, ctx.model.pipeline(), kind == "job", missing, f"word maps ({kind})")
+            images = ctx.generate(missing, kind == "job", f"word maps ({kind})")
             reference = ctx.images if kind == "job" else ctx.baseline_images
             for k in missing:  # the recording run must be the run the job reports
                 if k in reference and not np.array_equal(images[k], reference[k]):
