@@ -251,13 +251,13 @@ def sweep_from_config(cfg) -> SweepInfo:
     from .build import instantiate
 
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
-    target = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default=""))
     sweep_dir = OmegaConf.select(cfg, "hydra.sweep.dir", default=None) or f"outputs/{cfg.get('name', 'default')}"
     prompts = instantiate(cfg.prompts, "prompts").load()
     return SweepInfo(
         group=Path(str(sweep_dir)).name, project=cfg.wandb.get("project") or "krea_sweeps",
         entity=cfg.wandb.get("entity"), axes=[str(k) for k in params], headline=list(cfg.get("headline") or []),
-        prompts=prompts, images=not cfg.get("conditioning_only", False), optuna="optuna" in target.lower(),
+        prompts=prompts, images=not cfg.get("conditioning_only", False),
+        optuna=OmegaConf.select(cfg, "hydra.sweeper.direction", default=None) is not None,  # an optimising sweeper
         objective=cfg.get("objective"),
         panels=OmegaConf.to_container(cfg.get("report"), resolve=True) if cfg.get("report") else [],
         synthetic=cfg.model.get("path") is None)

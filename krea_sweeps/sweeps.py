@@ -221,7 +221,7 @@ def check_sweep(config: DictConfig) -> None:
     axes = {k: (v[:1] if k in batched else v) for k, v in axes.items()}
     fixed = [o.input_line for k, o in by_key.items() if not o.is_sweep_override()]
     first = {k: v[0] for k, v in axes.items()}
-    is_optuna = optimises(config)
+    optimising = optimises(config)
     jobs = [first]
     for k, values in axes.items():
         jobs += [{**first, k: v} for v in values[1:]]
@@ -239,19 +239,19 @@ def check_sweep(config: DictConfig) -> None:
                               f"({str(e).splitlines()[0].strip()})", "check the key and value (`python run.py --cfg "
                               "job` lists the keys); prefix + to add a new key") from None
         try:
-            check_job(job_cfg, optuna=is_optuna)
+            check_job(job_cfg, optimising=optimising)
         except ConfigError as e:
-            if len(jobs) == 1 or is_optuna:  # the job's values add nothing (Optuna's are placeholders)
+            if len(jobs) == 1 or optimising:  # the job's values add nothing (an optimiser's are placeholders)
                 raise
             raise ConfigError(e.key, f"{e.problem} (sweep job: {where})", e.fix) from None
 
 
-def check_job(cfg: DictConfig, optuna: bool = False) -> None:
+def check_job(cfg: DictConfig, optimising: bool = False) -> None:
     from .plan import plan
 
     job = plan(cfg)
-    if optuna:
-        require(bool(job.objective), "objective", "the Optuna sweeper needs a metric to optimise",
+    if optimising:
+        require(bool(job.objective), "objective", "the sweeper (Optuna) optimises a metric and none is named",
                 "set objective=<metric>/<stat>, e.g. objective=image_stats/sharpness")
     check_objective(job)
 
