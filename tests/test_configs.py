@@ -4,23 +4,18 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from conftest import REPO, compose, run_cli
+from conftest import compose, run_in_process
 
 FAST = ["wandb.mode=disabled", "sampler.steps=2", "sampler.max_sequence_length=32",
         "prompts.prompts=[A red fox sitting in fresh snow.]"]
 CONFIG_FAULT = ["+metrics.config_fault._target_=faults.ConfigErrorOnSeed", "+metrics.config_fault.seed=1"]
 
 
-def env() -> dict:
-    return {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
-
-
 # ------------------------------------------------------------------------------------------- errors after planning
 def test_a_config_error_while_a_job_runs_fails_that_job_only(tmp_path):
-    result = run_cli(["-m", "seeds=0,1,2", *CONFIG_FAULT, *FAST], tmp_path, env=env())
+    result = run_in_process(["-m", "seeds=0,1,2", *CONFIG_FAULT, *FAST], tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]  # failed jobs (1), not a rejected config (2)
     sweep = tmp_path / "outputs" / "default"
     failed = sorted(sweep.glob("*/failed.json"))
@@ -33,7 +28,7 @@ def test_a_config_error_while_a_job_runs_fails_that_job_only(tmp_path):
 
 
 def test_fail_fast_still_stops_at_a_config_error_while_a_job_runs(tmp_path):
-    result = run_cli(["-m", "seeds=1,2", "fail_fast=true", *CONFIG_FAULT, *FAST], tmp_path, env=env())
+    result = run_in_process(["-m", "seeds=1,2", "fail_fast=true", *CONFIG_FAULT, *FAST], tmp_path)
     assert result.returncode == 1 and "fail_fast: stopped" in result.stderr, result.stderr[-3000:]
     sweep = tmp_path / "outputs" / "default"
     assert len(list(sweep.glob("*/failed.json"))) == 1 and not list(sweep.glob("*/result.json"))
@@ -78,7 +73,7 @@ def test_type_and_choice_errors_come_from_composition_in_one_line(override, key,
 
 
 def test_a_typed_error_in_a_sweep_axis_is_one_line_naming_the_job(tmp_path):
-    result = run_cli(["-m", "sampler.steps=2,abc", "wandb.mode=disabled"], tmp_path)
+    result = run_in_process(["-m", "sampler.steps=2,abc", "wandb.mode=disabled"], tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert "config key `sampler.steps`: 'abc' is not a whole number (sweep job: sampler.steps=abc)" in lines[0]
