@@ -8,7 +8,7 @@ from krea_sweeps.interventions import InterventionContext, applied
 from krea_sweeps.models import LoadedModel, ModelVariant
 from krea_sweeps.prompts import EncodeCache
 
-MODEL = LoadedModel(ModelVariant(name="turbo", is_distilled=True, steps=8, guidance=0.0))
+MODEL = LoadedModel(ModelVariant(name="turbo", base="turbo", is_distilled=True, steps=8, guidance=0.0))
 PROMPTS = ["a red fox in fresh snow", "a lighthouse at dusk"]
 
 

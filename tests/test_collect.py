@@ -154,7 +154,7 @@ def test_slot_labels_come_from_the_model_definition(sweep, monkeypatch):
 
     monkeypatch.setattr(collect_module, "save_figure", spy)
     collect(sweep, quiet=True)
-    layers = ModelVariant(name="turbo").select_layers
+    layers = ModelVariant(name="turbo", base="turbo").select_layers
     assert ticks["per_slot.png"] == [f"L{layers[s]}" for s in (0, 1, 2)] == ["L2", "L5", "L8"]  # slots 0, 1, 2
 
 

@@ -12,63 +12,16 @@ knockouts that together hide every key (e.g. keys 0–5 and 6–11) are defined 
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import require
-from .base import Intervention, InterventionContext
+from .base import Intervention
 from .hooks import Op
-from .sites import NUM_SLOTS, block_indices, hooked, layer_of, slot_indices
-
-
-def key_mask(keys_visible: list[bool], queries: list[int] | None = None) -> torch.Tensor:
-    """Bool mask (True = may attend): [1, 1, 1, 12] for every query, or [1, 1, 12, 12] for the listed queries."""
-    visible = torch.tensor(keys_visible, dtype=torch.bool)
-    if queries is None:
-        return visible.view(1, 1, 1, NUM_SLOTS)
-    mask = torch.ones(NUM_SLOTS, NUM_SLOTS, dtype=torch.bool)
-    mask[queries] = visible
-    return mask.view(1, 1, NUM_SLOTS, NUM_SLOTS)
-
-
-@contextmanager
-def masked_attention(intervention: Intervention, ctx: InterventionContext, modules: list, mask: torch.Tensor
-                     ) -> Iterator[None]:
-    """Inject `mask` into the given attention modules while `intervention` is active (ANDed with any mask already
-    there, so knockouts compose). Query rows left with no visible key by the mask actually used — which for
-    composed knockouts can be dead although neither mask alone is — get zero output, whatever the kernel. (The
-    `fusion_attention` site's installer: `hooks.attach` calls this.)"""
-    used = {}  # id(module) -> the combined mask this hook passed on in the current call
-
-    def pre(module, args, kwargs):
-        if not intervention.active(ctx.state):
-            used.pop(id(module), None)
-            return None
-        m = mask.to(args[0].device)
-        existing = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        if existing is not None:
-            m = existing.bool() & m
-        used[id(module)] = m
-        if len(args) > 1:
-            return (args[0], m, *args[2:]), kwargs
-        return args, {**kwargs, "attention_mask": m}
-
-    def zero_dead(module, args, output):
-        m = used.pop(id(module), None)
-        if m is None:
-            return None
-        dead = (~m.any(-1)).all(1)  # [b, q]: queries with no visible key (in every head); no host sync to ask
-        rows = dead.expand(output.shape[0], output.shape[-2])
-        return output.masked_fill(rows[..., None], 0.0)
-
-    with ExitStack() as stack:
-        for attn in modules:
-            stack.enter_context(hooked(attn, pre, pre=True, with_kwargs=True))
-            stack.enter_context(hooked(attn, zero_dead))
-        yield
+from .installers import key_mask, masked_attention  # noqa: F401 - the fusion_attention site's installer
+from .sites import NUM_SLOTS, block_indices, layer_of, slot_indices
 
 
 class KeyMask(Op):

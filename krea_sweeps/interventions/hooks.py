@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 
 from ..errors import ConfigError, require_choice
+from .installers import masked_attention, projector_hook
 from .sites import SITES, Site, fusion_mask, hooked, replace_first_arg, text_fusion
 
 FORMS = ("states", "weight", "key_mask")
@@ -153,16 +154,12 @@ def _install_states(site: Site, op: Op, gates, ctx, index: int) -> Iterator[None
 
 @contextmanager
 def _install_weight(site: Site, op: Op, gates, ctx, index: int) -> Iterator[None]:
-    from .projector import projector_hook
-
     with projector_hook(gates, ctx, op.weight, renorm=op.renorm, module=site.module(ctx, index)):
         yield
 
 
 @contextmanager
 def _install_key_mask(site: Site, op: Op, gates, ctx, index: int) -> Iterator[None]:
-    from .attention import masked_attention
-
     with masked_attention(gates, ctx, [site.module(ctx, index)], op.key_mask()):
         yield
 

@@ -17,35 +17,24 @@ give *different* outputs, so the site is always recorded:
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError, require
 from .attention import key_mask
-from .base import Intervention, InterventionContext
+from .base import Intervention
 from .hooks import Op
-from .sites import NUM_SLOTS, choice, finite, gains_vector, projector, resolve_slot
+from .installers import projector_hook, rms_like  # noqa: F401 - the projector site's installer
+from .sites import NUM_SLOTS, choice, finite, gains_vector, resolve_slot
 
 DIFF_KEY = "diffusion_model.txtfusion.projector.diff"  # ComfyUI's `.diff` patch: weight += strength · diff
 PRESETS = {
     "uniform": [1.0] * NUM_SLOTS,
     "deep_boost": [1, 1, 1, 1, 1, 1, 1, 2.5, 5.0, 1.1, 4.0, 1.0],
 }
-
-
-def rms_like(edited: torch.Tensor, stock: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rescale each token of `edited` to the RMS of `stock` along `dim` (the community's fix for the magnitude
-    inflation that projector boosts cause: the refiners are pre-norm residual blocks, not scale-invariant)."""
-    def rms(x):
-        return x.float().pow(2).mean(dim, keepdim=True).sqrt()
-
-    ratio = rms(stock) / rms(edited).clamp_min(torch.finfo(torch.float32).tiny)
-    return edited * ratio.to(edited.dtype)
 
 
 class Gains(Op):
@@ -117,50 +106,6 @@ class LayerGains(Intervention):
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """w' = w ⊙ (1 + s(g − 1)), computed in float32 and cast back (as ComfyUI patches bf16 weights)."""
         return Gains(self.multipliers()).weight(weight)
-
-
-class _ProjectorChain:
-    """The one forward hook on a projector module, shared by every projector-site edit attached to it: the output is
-    `F.linear(x, f_n(…f_1(w)))` over the active edits in attach (= list) order. One hook, not one per edit, so edits
-    compose (each hook returning its own `F.linear(x, f_i(w))` would discard the earlier ones) while a single edit
-    stays bit-identical to replacing the weight. With any active `renorm`, the composed output is rescaled per token
-    to the RMS of the stock output (stock weight, same input)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.entries: list[tuple] = []  # (intervention, state, weight_fn, renorm)
-        self.handle = module.register_forward_hook(self)
-
-    def __call__(self, module, args, output):
-        active = [e for e in self.entries if e[0].active(e[1])]
-        if not active:
-            return None
-        weight = module.weight
-        for _, _, weight_fn, _ in active:
-            weight = weight_fn(weight)
-        edited = F.linear(args[0], weight, module.bias)
-        return rms_like(edited, output, dim=-2) if any(e[3] for e in active) else edited
-
-
-@contextmanager
-def projector_hook(intervention: Intervention, ctx: InterventionContext, weight_fn, renorm: bool = False,
-                   module: torch.nn.Module | None = None):
-    """Join the projector's edit chain while attached: when active, `weight_fn` maps the weight so far (stock, or
-    the earlier edits' result) to the next one. Nothing is written to the parameter; the hook goes with the last
-    edit. (The `projector` site's installer: `hooks.attach` calls this.)"""
-    module = projector(ctx) if module is None else module
-    chains = ctx.projector_chains  # the session's: edits attached through one context share one chain per module
-    chain = chains.get(module)
-    if chain is None:
-        chain = chains[module] = _ProjectorChain(module)
-    entry = (intervention, ctx.state, weight_fn, renorm)
-    chain.entries.append(entry)
-    try:
-        yield
-    finally:
-        chain.entries = [e for e in chain.entries if e is not entry]
-        if not chain.entries:
-            chain.handle.remove()
-            chains.pop(module, None)
 
 
 @dataclass
