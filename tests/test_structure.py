@@ -117,3 +117,34 @@ def test_metrics_and_interventions_do_not_import_the_job_layers():
     upward = {name: sorted(d for d in deps if d in JOB_LAYERS) for name, deps in import_graph().items()
               if name.startswith(("krea_sweeps.metrics", "krea_sweeps.interventions"))}
     assert {name: deps for name, deps in upward.items() if deps} == {}
+
+
+def documented_layers() -> list[list[str]]:
+    """The layer picture of docs/ARCHITECTURE.md ("Layers and imports"), top line first: the module names each line
+    starts with (`context.py`, `metrics/`)."""
+    text = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    block = text.split("## Layers and imports", 1)[1].split("```")[1]
+    layers = []
+    for line in block.strip("\n").splitlines():
+        names = []
+        for word in line.split():
+            if not word.endswith((".py", "/")):
+                break
+            names.append(word.removesuffix(".py").removesuffix("/"))
+        layers.append(names)
+    return layers
+
+
+def test_the_documented_layers_are_the_imports():
+    """What docs/ARCHITECTURE.md draws is what the code does: a module imports only from its own line or below."""
+    layers = documented_layers()
+    level = {name: i for i, names in enumerate(layers) for name in names}
+    graph = import_graph()
+
+    def top(module: str) -> str:
+        return module.split(".")[1] if "." in module else module
+
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                    if top(m) in level and top(d) in level and level[top(d)] < level[top(m)])
+    assert upward == []
+    assert {"plan", "context", "task", "runner", "metrics", "interventions"} <= set(level)
