@@ -163,7 +163,7 @@ def test_during_a_job_the_session_names_each_site_and_op_and_after_it_nothing(se
     seen = []
     handle = transformer.register_forward_pre_hook(lambda m, a: seen.append(session.attached()))
     try:
-        record = execute(job, session)
+        record = execute(job, session).record
     finally:
         handle.remove()
     assert seen and all(names == ["intervention: gains @ projector", "interventions[0]: steer @ fused"]
