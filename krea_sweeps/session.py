@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .interventions.hooks import HookRegistry
+from .registry import HookRegistry
 from .models import ModelCache
 from .tracking import ServerCheck
 

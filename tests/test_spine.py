@@ -329,7 +329,7 @@ def test_float32_module_list_is_diffusers_own_and_the_text_path_is_built_from_co
     from krea_sweeps.models import FP32_MODULES, LoadedModel, ModelVariant
 
     assert tuple(Krea2Transformer2DModel._keep_in_fp32_modules) == FP32_MODULES
-    model = LoadedModel(ModelVariant(name="turbo", device="cpu"))
+    model = LoadedModel(ModelVariant(name="turbo", base="turbo", device="cpu"))
     alone, full = model._load_text_path(), model.transformer
     tensors = dict(alone.state_dict())
     assert not any(t.is_meta for t in tensors.values())

@@ -14,12 +14,13 @@ leaves the call untouched when inactive. Every hook is registered under a name i
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 import torch
 
 from ..errors import ConfigError, require_choice
+from ..registry import AttachedOp, HookRegistry  # noqa: F401 - the session's registry of named hooks
 from .installers import masked_attention, projector_hook
 from .sites import SITES, Site, fusion_mask, hooked, replace_first_arg, text_fusion
 
@@ -89,38 +90,6 @@ class Call:
 
 
 # --------------------------------------------------------------------------------------------------- named hooks
-@dataclass(frozen=True)
-class AttachedOp:
-    name: str
-    key: str
-    site: str
-    op: str
-
-
-@dataclass
-class HookRegistry:
-    """What is attached now, by name (diffusers' `HookRegistry` idea): the session's is listed by
-    `Session.attached()`; each entry leaves when its `attach` scope exits, whatever happens inside."""
-
-    entries: dict[str, AttachedOp] = field(default_factory=dict)
-
-    @contextmanager
-    def named(self, key: str, site: str, op: str, index: int | None = None) -> Iterator[AttachedOp]:
-        base = f"{key}: {op} @ {site}" + ("" if index is None else f"[{index}]")
-        name, n = base, 1
-        while name in self.entries:
-            n += 1
-            name = f"{base} #{n}"
-        entry = self.entries[name] = AttachedOp(name, key, site, op)
-        try:
-            yield entry
-        finally:
-            self.entries.pop(name, None)
-
-    def names(self) -> list[str]:
-        return list(self.entries)
-
-
 # ------------------------------------------------------------------------------------------------ installers
 @contextmanager
 def _install_states(site: Site, op: Op, gates, ctx, index: int) -> Iterator[None]:
