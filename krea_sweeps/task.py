@@ -196,7 +196,7 @@ def execute(job: Job, session: Session) -> JobOutput:
     ground_truth = getattr(job.prompt_set, "ground_truth", None)  # prompts from the toy world: their scenes
     return JobOutput(record={
         "summary": summary,
-        "scenes": ground_truth(arrays_dir) if ground_truth else None,
+        "scenes": ground_truth(job.job_dir / "arrays") if ground_truth else None,
         "rows": rows,
         "images": sorted(str(Path("images") / f"p{p:02d}_s{s}.png") for p, s in ctx.images),
         "timings": dict(ctx.timings),
@@ -213,7 +213,10 @@ def sheet_title(job: Job) -> str:
     """What a contact sheet shows: the intervention as applied, the variant, and whether it is the synthetic model."""
     label = intervention_label(job)
     what = "stock" if job.is_stock else label
-    synthetic = " (synthetic Krea 2: images look alike by design)" if job.variant.synthetic else ""
+    synthetic = ""
+    if job.variant.synthetic:  # the random-weight model draws the same texture for every prompt; the toy draws shapes
+        random_weights = job.variant.synthetic_weights.kind == "random"
+        synthetic = " (synthetic Krea 2: images look alike by design)" if random_weights else " (toy Krea 2, synthetic)"
     return f"{what} | {job.variant.name}{synthetic}"
 
 

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..prompts import PromptSet
+
 SIZE = 64
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # object colours, RGB 0-255: far apart so the nearest palette colour is unambiguous
@@ -164,25 +166,13 @@ def _parse_phrase(phrase: str) -> Obj | None:
 
 # ---------------------------------------------------------------------------------------------- prompts = toy
 @dataclass
-class WorldPrompts:
+class WorldPrompts(PromptSet):
     """`prompts=toy`: captions of the world, so every image has ground truth (the job record carries each prompt's
     objects and `arrays/scenes.masks_pNN.npy`). Any other text may be given too (`prompts.prompts=[…]` keeps working
     on the default prompt set); it simply has no scene (`null` in the record)."""
 
     name: str = "toy"
     prompts: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        from ..errors import require
-
-        self.prompts = [str(p) for p in self.prompts]
-        require(len(self.prompts) > 0, "prompts.prompts", "the toy prompt set is empty",
-                "give captions like 'a small red circle on the left on a white background'")
-        for p in self.prompts:
-            require(p.strip() != "", "prompts.prompts", "the toy prompt set has an empty prompt", "remove it")
-
-    def load(self) -> list[str]:
-        return list(self.prompts)
 
     def scenes(self) -> list[Scene | None]:
         """Each prompt's scene, or None for text outside the world's grammar."""
