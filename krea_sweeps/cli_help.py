@@ -16,7 +16,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESET_GROUPS = ("experiment", "hparams_search")  # added with `+group=NAME`, not in the defaults list
 
 EXAMPLES = [
-    ("python run.py", "one job: synthetic Turbo, 2 smoke prompts, image stats"),
+    ("python run.py", "one job: the toy Turbo (synthetic), 4 toy-world prompts, image stats"),
     ("python run.py -m +experiment=solo_sweep", "a preset sweep (one job per slot), then: krea-collect outputs/solo_sweep"),
     ("python run.py -m intervention=rebalance intervention.strength=0.5,1,2 'metrics=[image_stats,cond_shift]'",
      "your own sweep axis"),

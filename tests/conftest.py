@@ -76,7 +76,27 @@ def toy_raw():
     return LoadedModel(ModelVariant(name="raw", base="raw", synthetic_weights=ToyWeights()))
 
 
-def compose(overrides: list[str] | None = None):
+# The config's defaults are the trained toy and its world's prompts (what `python run.py` shows a user). Most tests
+# check plumbing, written against the random-weight model and the smoke prompts: the helpers pin those unless the test
+# names its own (or an experiment preset, which may choose its prompts); `user_defaults=True` leaves the defaults.
+PLUMBING_PINS = ("model/synthetic_weights=random", "prompts=smoke")
+FLAGS_WITHOUT_OVERRIDES = ("--help", "-h", "--hydra-help", "--info")
+
+
+def pinned(overrides: list[str]) -> list[str]:
+    """`overrides` plus the plumbing pins that none of them already decides."""
+    names = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    if any(o in FLAGS_WITHOUT_OVERRIDES for o in overrides):
+        return list(overrides)
+    out = list(overrides)
+    if "model/synthetic_weights" not in names:
+        out.append(PLUMBING_PINS[0])
+    if "prompts" not in names and not any(n == "experiment" or n.endswith("/experiment") for n in names):
+        out.append(PLUMBING_PINS[1])
+    return out
+
+
+def compose(overrides: list[str] | None = None, user_defaults: bool = False):
     """The composed config for `overrides`, as run.py would see it (without running)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -84,14 +104,17 @@ def compose(overrides: list[str] | None = None):
     from krea_sweeps.plan import register_resolvers
 
     register_resolvers()
+    overrides = list(overrides or [])
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+        return hydra_compose(config_name="config", overrides=overrides if user_defaults else pinned(overrides))
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None,
+            user_defaults: bool = False) -> subprocess.CompletedProcess:
     """`python run.py ARGS` in `cwd` (outputs land in cwd/outputs), W&B offline, no progress bars."""
     full_env = {**os.environ, "KREA_SWEEPS_PROGRESS": "0", "HYDRA_FULL_ERROR": "0", **(env or {})}
     full_env.pop("WANDB_API_KEY", None)
+    args = list(args) if user_defaults else pinned(list(args))
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -115,7 +138,8 @@ class FastExitInTest(BaseException):
     handler, Hydra's error report) turns it into an ordinary failure."""
 
 
-def run_in_process(args: list[str], cwd: Path, env: dict | None = None, session=None) -> subprocess.CompletedProcess:
+def run_in_process(args: list[str], cwd: Path, env: dict | None = None, session=None,
+                   user_defaults: bool = False) -> subprocess.CompletedProcess:
     """What `python run.py ARGS` does in `cwd` — preflight, Hydra (run or multirun, the basic launcher runs the jobs
     here), the runner, the exit code — without paying a new interpreter's imports (~5 s a run). Isolated like a new
     process: a fresh `Session` (or `session`, for tests about reuse), Hydra's global state cleared, cwd, argv,
@@ -127,6 +151,7 @@ def run_in_process(args: list[str], cwd: Path, env: dict | None = None, session=
     from krea_sweeps import session as sessions
 
     entry = run_entry_point()
+    args = list(args) if user_defaults else pinned(list(args))
     overrides = {"KREA_SWEEPS_PROGRESS": "0", "HYDRA_FULL_ERROR": "0", **(env or {})}
     saved_env = {k: os.environ.get(k) for k in [*overrides, "WANDB_API_KEY"]}
     saved_argv, saved_cwd, saved_process = sys.argv[:], os.getcwd(), sessions._PROCESS[:]

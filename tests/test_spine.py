@@ -244,24 +244,27 @@ def test_empty_prompt_file_and_non_krea_checkpoint_are_rejected(cli, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def test_default_run_writes_result_images_and_an_offline_wandb_run(cli_process):
-    """The README's `python run.py`, as a real process: everything is on disk and logged before its fast exit."""
+def test_default_run_is_the_toy_with_its_world_prompts_and_writes_an_offline_wandb_run(cli_process):
+    """The README's `python run.py`, as a real process, with the user's defaults (not the tests' plumbing pins): the
+    trained toy Turbo on the toy world's captions, tagged synthetic:toy with its warning, scenes in the record;
+    everything is on disk and logged before its fast exit."""
     from wandb_offline import offline_runs, read_run
 
     cli = cli_process
-    result = cli()
+    result = cli(user_defaults=True)
     assert result.returncode == 0, result.stderr[-2000:]
     job = cli.cwd / "outputs" / "default" / "stock"
     record = json.loads((job / "result.json").read_text())
-    assert record["status"] == "done" and record["synthetic"] is True and record["synthetic_weights"] == "random"
+    assert record["status"] == "done" and record["synthetic"] is True and record["synthetic_weights"] == "toy"
     assert {"image_stats/sharpness", "image_stats/contrast"} <= set(record["summary"])
-    assert len(record["rows"]) == 2 and all((job / p).exists() for p in record["images"])
+    assert len(record["rows"]) == 4 and all((job / p).exists() for p in record["images"])
+    assert [s["caption"] for s in record["scenes"]] == record["prompts"]  # every prompt has its ground truth
     assert set(record["timings"]) >= {"encode", "load", "total"}
     log = result.stdout + result.stderr
-    assert "done stock" in log and "wandb sync" in log
+    assert "done stock" in log and "wandb sync" in log and "toy Krea 2" in log  # the warning
     (run_dir,) = offline_runs(job)
     run = read_run(run_dir)
-    assert {"synthetic", "synthetic:random", "variant:turbo"} <= set(run["run"]["tags"])
+    assert {"synthetic", "synthetic:toy", "variant:turbo"} <= set(run["run"]["tags"])
     assert run["config"]["model"]["name"] == "turbo"
     # comparable across jobs: job_type = the kind of edit, stable keys W&B can group and filter on
     assert run["run"]["job_type"] == "stock" and run["config"]["variant"] == "turbo"
