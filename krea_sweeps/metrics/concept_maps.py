@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import require
+from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
 from .base import Metric, MetricOutput
 from .word_maps import MapSink, checked_blocks, latent_grid, map_stats, swapped_processors, upsample
 
@@ -141,7 +142,8 @@ class ConceptMaps(Metric):
                 setattr(self, key, sorted(set(value)))
 
     def summary_keys(self, job) -> list[str]:
-        return [f"{self.name}/{k}" for k in self.SUMMARY]
+        truth = [f"{self.name}/{k}" for k in GROUND_TRUTH_STATS] if job_scenes(job) else []
+        return [f"{self.name}/{k}" for k in self.SUMMARY] + truth
 
     def validate(self, job) -> None:
         super().validate(job)
@@ -217,6 +219,7 @@ class ConceptMaps(Metric):
         h, w = latent_grid(ctx.job.sampler)
         size = (ctx.job.sampler.height, ctx.job.sampler.width)
         rows, arrays, images = [], {"concepts": np.array(self.concepts, dtype=str)}, {}
+        scenes, scored = job_scenes(ctx.job), []  # toy-world prompts: concepts that name one object vs its mask
         for p, seed in keys:
             grid_maps = store[(p, seed)].T.reshape(len(self.concepts), h, w).numpy().astype(np.float32)
             tag = f"p{p:02d}_s{seed}"
@@ -230,6 +233,10 @@ class ConceptMaps(Metric):
                 row[f"share/{concept}"] = stats[c]["share"]
             for k in self.SUMMARY:
                 row[k] = float(np.mean([s[k] for s in stats]))
+            if scenes:
+                truth = score_named_maps(self.concepts, grid_maps, scenes[p])
+                row |= mean_scores(list(truth.values())) | {f"pointing/{c}": t["pointing"] for c, t in truth.items()}
+                scored += truth.values()
             rows.append(row)
             if seed == ctx.job.seeds[0]:
                 images[f"concept_maps/p{p:02d}"] = (
@@ -237,4 +244,6 @@ class ConceptMaps(Metric):
                                   f"{seed}", colorbar_label="concept saliency (softmax over concepts)"),
                     f"{ctx.job.prompts[p][:80]} | ConceptAttention saliency per concept")
         summary = {f"{self.name}/{k}": float(np.mean([r[k] for r in rows])) for k in self.SUMMARY}
+        if scenes:
+            summary |= {f"{self.name}/{k}": v for k, v in mean_scores(scored).items()}
         return MetricOutput(summary=summary, rows=rows, arrays=arrays, images=images)

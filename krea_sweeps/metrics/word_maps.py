@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import require
+from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
 from .base import Metric, MetricOutput
 
 if TYPE_CHECKING:
@@ -44,12 +45,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PIXELS_PER_TOKEN = 16  # VAE ×8, then 2×2 patches
+PIXELS_PER_TOKEN = 16  # Krea 2: VAE ×8, then 2×2 patches (the toy's ×4 VAE: 8)
 
 
-def latent_grid(sampler) -> tuple[int, int]:
-    """The DiT's image-token grid (rows, columns) at the sampler's resolution."""
-    return sampler.height // PIXELS_PER_TOKEN, sampler.width // PIXELS_PER_TOKEN
+def latent_grid(sampler, model=None) -> tuple[int, int]:
+    """The DiT's image-token grid (rows, columns) at the sampler's resolution: the VAE's downsampling (read from the
+    loaded VAE when `model` is given, as Krea2Pipeline does) times the pipeline's 2×2 patches."""
+    per_token = 2 ** len(model.vae.temperal_downsample) * 2 if model is not None else PIXELS_PER_TOKEN
+    return sampler.height // per_token, sampler.width // per_token
 
 
 def checked_blocks(transformer, blocks: list[int] | None, key: str) -> list:
@@ -287,6 +290,8 @@ class WordMaps(Metric):
         keys = [f"{self.name}/{k}" for k in self.SUMMARY]
         if self.compare_stock:  # a stock job compares with itself (1, 1), so a sweep's jobs all report the keys
             keys += [f"{self.name}/{k}_stock" for k in self.VS_STOCK]
+        if job_scenes(job):  # prompts from the toy world: scores against the objects' masks
+            keys += [f"{self.name}/{k}" for k in GROUND_TRUTH_STATS]
         return keys
 
     def validate(self, job) -> None:
@@ -303,7 +308,7 @@ class WordMaps(Metric):
     def recording(self, ctx, kind: str, p: int, seeds: list[int]) -> Iterator[None]:
         transformer = ctx.model.transformer
         blocks = checked_blocks(transformer, self.blocks, "metrics.word_maps.blocks")
-        h, w = latent_grid(ctx.job.sampler)
+        h, w = latent_grid(ctx.job.sampler, ctx.model)
         sink = MapSink(ctx.denoise, self.blocks, self.steps, h * w, ctx.job.sampler.steps, seeds, self.chunk)
         with ExitStack() as stack:
             stack.enter_context(swapped_processors([b.attn for b in blocks],
@@ -358,10 +363,11 @@ class WordMaps(Metric):
         keys = sorted(ctx.images)
         mine = self.recorded(ctx, "stock" if ctx.job.is_stock else "job", keys)
         stock = self.recorded(ctx, "stock", keys) if self.compare_stock else None
-        grid = latent_grid(ctx.job.sampler)
+        grid = latent_grid(ctx.job.sampler, ctx.model)
         size = (ctx.job.sampler.height, ctx.job.sampler.width)
         rows, arrays, images = [], {}, {}
         words_by_prompt = {}
+        scenes, scored = job_scenes(ctx.job), []
         for p in sorted({p for p, _ in keys}):
             n_content = int(ctx.encoded.index(p).content.sum())
             text = body_and_tail(ctx.job.prompts[p])[0]
@@ -387,6 +393,13 @@ class WordMaps(Metric):
                 per_word.append(stats)
             row = {"prompt_idx": p, "seed": seed, "words": len(words),
                    "text_share": float(token_maps[:, :n_content].sum(-1).mean())}
+            if scenes:  # each word that names one object: pointing game and mask IoU against its mask
+                truth = score_named_maps(words, grid_maps, scenes[p])
+                for stats in per_word:
+                    if stats["word"] in truth:
+                        stats |= {"pointing": truth[stats["word"]]["pointing"], "mask_iou": truth[stats["word"]]["iou"]}
+                scored += truth.values()
+                row |= mean_scores(list(truth.values()))
             for k in ("share", "entropy", "area") + (tuple(f"{k}_stock" for k in self.VS_STOCK) if stock else ()):
                 row[k] = float(np.mean([w[k] for w in per_word])) if per_word else 0.0
             row["per_word"] = json.dumps(per_word)
@@ -403,6 +416,8 @@ class WordMaps(Metric):
         if stock is not None:
             summary |= {f"{self.name}/{k}_stock": float(np.mean([r[f'{k}_stock'] for r in rows]))
                         for k in self.VS_STOCK}
+        if scenes:
+            summary |= {f"{self.name}/{k}": v for k, v in mean_scores(scored).items()}
         return MetricOutput(summary=summary, rows=rows, arrays=arrays, images=images)
 
 

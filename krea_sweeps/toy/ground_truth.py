@@ -1,8 +1,8 @@
 """Scores of a spatial map (a word map, a concept map: any [h, w] array over the image) against a toy scene's masks.
 
-The hook for the word-map / concept-map metrics: a map for the word "circle" in "a large red circle on the left …"
-should point inside that object's mask. Maps at the DiT's token grid (4×4 for a 64² toy image) are upsampled to the
-image by nearest neighbour (each token owns a 16×16 block), so no interpolation decides the score.
+Used by the word-map / concept-map metrics: a map for the word "circle" in "a large red circle on the left …"
+should point inside that object's mask. Maps at the DiT's token grid (8×8 for a 64² toy image) are upsampled to the
+image by nearest neighbour (each token owns an 8×8 block), so no interpolation decides the score.
 """
 
 from __future__ import annotations
@@ -59,3 +59,33 @@ def score_word_maps(maps: dict[str, np.ndarray], scene: Scene) -> dict[str, dict
             mask = masks[objects[0]]
             out[word] = {"object": objects[0], "pointing": pointing_game(heatmap, mask), "iou": mask_iou(heatmap, mask)}
     return out
+
+
+# ------------------------------------------------------------------------------ the map metrics' ground-truth scores
+GROUND_TRUTH_STATS = ("pointing", "mask_iou")  # summary keys `<metric>/pointing`, `<metric>/mask_iou`
+
+
+def job_scenes(job) -> list[Scene | None] | None:
+    """Each prompt's scene when the job's prompts come from the toy world (`prompts=toy`, or captions in its
+    grammar), None when no prompt has one: then the map metrics report no ground-truth keys."""
+    scenes = getattr(getattr(job, "prompt_set", None), "scenes", None)
+    if scenes is None:
+        return None
+    found = scenes()
+    return found if any(s is not None for s in found) else None
+
+
+def score_named_maps(names: list[str], grid_maps: np.ndarray, scene: Scene | None) -> dict[str, dict]:
+    """`score_word_maps` for maps given as parallel lists (a metric's words or concepts and its [n, h, w] maps);
+    {} without a scene."""
+    if scene is None:
+        return {}
+    return score_word_maps({name: grid_maps[i] for i, name in enumerate(names)}, scene)
+
+
+def mean_scores(scored: list[dict]) -> dict[str, float]:
+    """Pointing-game accuracy and mean mask IoU over scored words (NaN when nothing named an object)."""
+    if not scored:
+        return {k: float("nan") for k in GROUND_TRUTH_STATS}
+    return {"pointing": float(np.mean([s["pointing"] for s in scored])),
+            "mask_iou": float(np.mean([s["iou"] for s in scored]))}
