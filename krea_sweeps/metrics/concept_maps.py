@@ -169,7 +169,7 @@ class ConceptMaps(Metric):
     def recording(self, ctx, kind: str, p: int, seeds: list[int]) -> Iterator[None]:
         transformer = ctx.model.transformer
         blocks = checked_blocks(transformer, self.blocks, "metrics.concept_maps.blocks")
-        h, w = latent_grid(ctx.job.sampler)
+        h, w = latent_grid(ctx.job.sampler, ctx.model)
         n_img = h * w
         sink = MapSink(ctx.denoise, self.blocks, self.steps, n_img, ctx.job.sampler.steps, seeds, chunk=1)
         tokens = self.concept_tokens(ctx)
@@ -216,7 +216,7 @@ class ConceptMaps(Metric):
             for k in missing:
                 if not np.array_equal(again[k], ctx.images[k]):
                     raise RuntimeError(f"concept_maps: image {k} came out different when regenerated")
-        h, w = latent_grid(ctx.job.sampler)
+        h, w = latent_grid(ctx.job.sampler, ctx.model)
         size = (ctx.job.sampler.height, ctx.job.sampler.width)
         rows, arrays, images = [], {"concepts": np.array(self.concepts, dtype=str)}, {}
         scenes, scored = job_scenes(ctx.job), []  # toy-world prompts: concepts that name one object vs its mask
