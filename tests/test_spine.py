@@ -258,7 +258,7 @@ def test_default_run_is_the_toy_with_its_world_prompts_and_writes_an_offline_wan
     assert record["status"] == "done" and record["synthetic"] is True and record["synthetic_weights"] == "toy"
     assert {"image_stats/sharpness", "image_stats/contrast"} <= set(record["summary"])
     assert len(record["rows"]) == 4 and all((job / p).exists() for p in record["images"])
-    assert [s["caption"] for s in record["scenes"]] == record["prompts"]  # every prompt has its ground truth
+    assert [s["caption"] for s in record["scenes"]] == record["job"]["prompts"]  # each prompt has its ground truth
     assert set(record["timings"]) >= {"encode", "load", "total"}
     log = result.stdout + result.stderr
     assert "done stock" in log and "wandb sync" in log and "toy Krea 2" in log  # the warning

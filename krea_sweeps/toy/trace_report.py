@@ -36,16 +36,17 @@ def slot_rows(sweep: Path) -> list[dict]:
                      or "pairs" in i)
         pairs = {b: a for a, b in patch["pairs"]}
         shows_clean = []
-        for p, prompt in enumerate(record["prompts"]):
+        seeds = record["config"]["seeds"]
+        for p, prompt in enumerate(record["job"]["prompts"]):
             clean = world.parse_caption(pairs[prompt])
             scene = world.parse_caption(prompt)
-            for s in record["seeds"] if isinstance(record["seeds"], list) else [record["seeds"]]:
+            for s in seeds if isinstance(seeds, list) else [seeds]:
                 image = load_image(file.parent / "images" / f"p{p:02d}_s{s}.png")
                 shows_clean.append(read_scene(image, scene)["objects"][0]["colour"] == clean.objects[0].colour)
         rows.append({"slots": patch.get("slots"), "image": record["summary"].get("restoration/image"),
                      "cond": record["summary"].get("restoration/cond"), "shows_clean_colour": float(np.mean(shows_clean)),
                      "dir": file.parent})
-    return sorted(rows, key=lambda r: str(r["slots"]))
+    return sorted(rows, key=lambda r: list(r["slots"] or []))
 
 
 def token_profile(job_dir: Path) -> list[dict]:
