@@ -163,3 +163,55 @@ def test_word_map_scores_against_masks_on_maps_with_known_answers():
     assert set(scores) == {"red", "square"}  # 'a' names no object
     assert scores["red"]["pointing"] and not scores["square"]["pointing"]
     assert 0 < scores["red"]["iou"] < 1
+
+
+def shuffled_scores(heatmap: np.ndarray, mask: np.ndarray, rng: np.random.Generator, draws: int = 100):
+    """Chance level for this mask: pointing game and mask IoU of the same map values on randomly permuted cells."""
+    from krea_sweeps.toy.ground_truth import mask_iou, pointing_game
+
+    perms = [rng.permutation(heatmap.ravel()).reshape(heatmap.shape) for _ in range(draws)]
+    return np.mean([pointing_game(m, mask) for m in perms]), np.mean([mask_iou(m, mask) for m in perms])
+
+
+def test_word_and_concept_maps_on_the_toy_score_against_the_scenes_and_beat_shuffled_maps(
+        session, tmp_path, monkeypatch):
+    """Toy-world prompts on the trained toy: word_maps and concept_maps report pointing-game accuracy and mask IoU
+    against the scenes' masks (recomputed here from the saved maps and masks), and the object words' maps point at
+    their object more often, and overlap it more, than the same maps with their cells shuffled (chance)."""
+    from conftest import compose
+
+    from krea_sweeps.plan import plan
+    from krea_sweeps.task import execute
+    from krea_sweeps.toy.ground_truth import mask_iou, pointing_game
+
+    monkeypatch.chdir(tmp_path)
+    captions = [s.caption for s in world.all_single_object_scenes("heldout")[::7][:12]]  # shapes, places, colours
+    job = plan(compose(["wandb.mode=disabled", "model/synthetic_weights=toy", "prompts=toy",
+                        f"prompts.prompts=[{','.join(captions)}]", "metrics=[word_maps,concept_maps]",
+                        "metrics.word_maps.compare_stock=false",
+                        "metrics.concept_maps.concepts=[circle,square,triangle,background]"]))
+    keys = job.metrics[0].summary_keys(job) + job.metrics[1].summary_keys(job)
+    assert {"word_maps/pointing", "word_maps/mask_iou", "concept_maps/pointing", "concept_maps/mask_iou"} <= set(keys)
+    record = execute(job, session)
+    arrays = tmp_path / "outputs" / "adhoc" / "arrays"
+    rng = np.random.default_rng(0)
+    hits, ious, chance = [], [], []
+    for p, scene in enumerate(job.prompt_set.scenes()):
+        masks = np.load(arrays / f"scenes.masks_p{p:02d}.npy")
+        assert np.array_equal(masks, scene.masks())
+        words = [str(w) for w in np.load(arrays / f"word_maps.p{p:02d}.words.npy")]
+        grid = np.load(arrays / f"word_maps.p{p:02d}_s0.grid.npy")
+        assert grid.shape[1:] == (4, 4)  # the toy's ×8 VAE and 2×2 patches: 4×4 image tokens at 64²
+        o = scene.objects[0]
+        for word in (o.size, o.colour, o.shape):
+            heatmap = grid[words.index(word)]
+            hits.append(pointing_game(heatmap, masks[0]))
+            ious.append(mask_iou(heatmap, masks[0]))
+            chance.append(shuffled_scores(heatmap, masks[0], rng))
+    summary = record["summary"]
+    assert summary["word_maps/pointing"] == pytest.approx(np.mean(hits))  # the metric's numbers are these
+    assert summary["word_maps/mask_iou"] == pytest.approx(np.mean(ious))
+    assert 0.0 <= summary["concept_maps/pointing"] <= 1.0
+    chance_pointing, chance_iou = np.mean(chance, axis=0)
+    assert np.mean(hits) > chance_pointing + 0.1, (np.mean(hits), chance_pointing)
+    assert np.mean(ious) > 2 * chance_iou, (np.mean(ious), chance_iou)
