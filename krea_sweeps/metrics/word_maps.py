@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PIXELS_PER_TOKEN = 16  # Krea 2: VAE ×8, then 2×2 patches (the toy's ×4 VAE: 8)
+PIXELS_PER_TOKEN = 16  # Krea 2: VAE ×8, then 2×2 patches
 
 
 def latent_grid(sampler, model=None) -> tuple[int, int]:

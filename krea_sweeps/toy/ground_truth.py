@@ -1,8 +1,8 @@
 """Scores of a spatial map (a word map, a concept map: any [h, w] array over the image) against a toy scene's masks.
 
 Used by the word-map / concept-map metrics: a map for the word "circle" in "a large red circle on the left …"
-should point inside that object's mask. Maps at the DiT's token grid (8×8 for a 64² toy image) are upsampled to the
-image by nearest neighbour (each token owns an 8×8 block), so no interpolation decides the score.
+should point inside that object's mask. Maps at the DiT's token grid (4×4 for a 64² toy image) are upsampled to the
+image by nearest neighbour (each token owns a 16×16 block), so no interpolation decides the score.
 """
 
 from __future__ import annotations
