@@ -4,8 +4,8 @@ the pipeline without text encoder against the full one, the thread setting, and 
 
 from __future__ import annotations
 
-import re
 import json
+import re
 from pathlib import Path
 
 import numpy as np
