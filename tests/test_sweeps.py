@@ -42,6 +42,8 @@ REDUCED = {
     "causal_tracing": (["intervention.slots=6,11", "prompts.prompts=[a photo of a serious woman in a garden]"], 2),
     "attribution": (["prompts.prompts=[a photo of a serious woman in a garden]"], 2),
     "concept_maps": ([*ONE_PROMPT], 2),
+    "toy_causal_tracing": (["intervention.slots=7,10",
+                            "prompts.prompts=[a large blue circle in the centre on a white background]"], 2),
 }
 
 # The figure `collect` draws for a preset's headline (methods beyond the card).
