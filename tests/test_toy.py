@@ -192,7 +192,7 @@ def test_word_and_concept_maps_on_the_toy_score_against_the_scenes_and_beat_shuf
                         "metrics.concept_maps.concepts=[circle,square,triangle,background]"]))
     keys = job.metrics[0].summary_keys(job) + job.metrics[1].summary_keys(job)
     assert {"word_maps/pointing", "word_maps/mask_iou", "concept_maps/pointing", "concept_maps/mask_iou"} <= set(keys)
-    record = execute(job, session)
+    record = execute(job, session).record
     arrays = tmp_path / "outputs" / "adhoc" / "arrays"
     rng = np.random.default_rng(0)
     hits, ious, chance = [], [], []
