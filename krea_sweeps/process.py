@@ -97,28 +97,6 @@ def _forwarding(module: str, attr: str):
     return call
 
 
-def skip_unstaged_wandb_launch_inputs() -> None:
-    """Stop every `wandb.init` of this process from importing W&B Launch (~0.7 s, its whole agent and public API) to
-    apply "staged launch inputs": they can only have been staged through `wandb.sdk.launch.inputs.internal` (W&B
-    Launch's `manage_config_file` / `manage_wandb_config`), so when that module was never imported there is nothing
-    to apply. When it was, W&B's own method runs unchanged."""
-    try:
-        from wandb.sdk import wandb_run
-    except ImportError:
-        return
-    run_class = wandb_run.Run
-    original = getattr(run_class, "_detect_and_apply_job_inputs", None)
-    if original is None or getattr(original, "_krea_sweeps_lazy", False):
-        return
-
-    def detect_and_apply_job_inputs(self) -> None:
-        if "wandb.sdk.launch.inputs.internal" in sys.modules:
-            original(self)
-
-    detect_and_apply_job_inputs._krea_sweeps_lazy = True
-    run_class._detect_and_apply_job_inputs = detect_and_apply_job_inputs
-
-
 # ------------------------------------------------------------------------------------------------------- threads
 def torch_threads_for(setting, synthetic: bool, device: str) -> int | None:
     """The CPU thread count a job runs torch with, or None for torch's own default (one per core).

@@ -98,9 +98,6 @@ class Tracker:
         try:
             import wandb
 
-            from .process import skip_unstaged_wandb_launch_inputs
-
-            skip_unstaged_wandb_launch_inputs()
             self.run = wandb.init(
                 project=self.config.project, entity=self.config.entity, mode=self.mode, dir=str(job_dir),
                 name=name, group=group, job_type=job_type, tags=sorted(set(tags) | set(self.config.tags)),
