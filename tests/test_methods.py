@@ -403,3 +403,23 @@ def test_concept_maps_leave_the_image_bit_identical(turbo, session, tmp_path, mo
     assert [str(c) for c in np.load(arrays / "concept_maps.concepts.npy")] == ["fox", "snow", "sky"]
     assert sorted(record["summary"]) == sorted(job.metrics[0].summary_keys(job))
     assert (tmp_path / "outputs/adhoc/figures/concept_maps_p00.png").exists()
+
+
+@pytest.mark.parametrize("cls, kwargs, key", [
+    ("WordMaps", {"blocks": [0, -1]}, "metrics.word_maps.blocks"),
+    ("WordMaps", {"steps": ["a"]}, "metrics.word_maps.steps"),
+    ("ConceptMaps", {"concepts": ["a", "b"], "blocks": [True]}, "metrics.concept_maps.blocks"),
+])
+def test_map_metrics_refuse_bad_index_lists_naming_the_key(cls, kwargs, key):
+    from krea_sweeps.errors import ConfigError
+    from krea_sweeps.metrics import concept_maps, word_maps
+
+    metric = getattr(word_maps if cls == "WordMaps" else concept_maps, cls)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        metric(**kwargs)
+
+
+def test_map_metrics_keep_index_lists_sorted_and_unique():
+    from krea_sweeps.metrics.word_maps import WordMaps
+
+    assert WordMaps(blocks=[2, 0, 2], steps=None).blocks == [0, 2]

@@ -29,7 +29,7 @@ import torch
 from ..errors import require
 from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
 from .base import Metric, MetricOutput
-from .word_maps import MapSink, checked_blocks, latent_grid, map_stats, swapped_processors, upsample
+from .word_maps import MapSink, check_index_lists, checked_blocks, latent_grid, map_stats, swapped_processors, upsample
 
 if TYPE_CHECKING:
     from ..context import JobContext
@@ -133,13 +133,7 @@ class ConceptMaps(Metric):
                 f"{self.concepts!r} is not a list of at least two concepts",
                 "give e.g. 'metrics.concept_maps.concepts=[woman,lilies,sky]' (the softmax is over concepts)")
         self.concepts = [str(c) for c in self.concepts]
-        for key in ("blocks", "steps"):
-            value = getattr(self, key)
-            if value is not None:
-                require(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value),
-                        f"metrics.concept_maps.{key}", f"{value!r} is not a list of indices",
-                        f"give e.g. metrics.concept_maps.{key}=[0,1] or null for all")
-                setattr(self, key, sorted(set(value)))
+        check_index_lists(self, "concept_maps")
 
     def summary_keys(self, job) -> list[str]:
         truth = [f"{self.name}/{k}" for k in GROUND_TRUTH_STATS] if job_scenes(job) else []

@@ -55,6 +55,17 @@ def latent_grid(sampler, model=None) -> tuple[int, int]:
     return sampler.height // per_token, sampler.width // per_token
 
 
+def check_index_lists(metric, name: str) -> None:
+    """`blocks` / `steps` of a map metric: null (all) or non-negative indices, kept sorted and unique."""
+    for key in ("blocks", "steps"):
+        value = getattr(metric, key)
+        if value is not None:
+            require(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value),
+                    f"metrics.{name}.{key}", f"{value!r} is not a list of indices",
+                    f"give e.g. metrics.{name}.{key}=[0,1] or null for all")
+            setattr(metric, key, sorted(set(value)))
+
+
 def checked_blocks(transformer, blocks: list[int] | None, key: str) -> list:
     """The DiT's blocks, after checking that every index a map metric records from exists (one line naming `key`)."""
     found = list(transformer.transformer_blocks)
@@ -271,13 +282,7 @@ class WordMaps(Metric):
     VS_STOCK: ClassVar[tuple] = ("corr", "iou")
 
     def __post_init__(self):
-        for key in ("blocks", "steps"):
-            value = getattr(self, key)
-            if value is not None:
-                require(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value),
-                        f"metrics.word_maps.{key}", f"{value!r} is not a list of indices",
-                        f"give e.g. metrics.word_maps.{key}=[0,1] or null for all")
-                setattr(self, key, sorted(set(value)))
+        check_index_lists(self, "word_maps")
         require(isinstance(self.chunk, int) and self.chunk > 0, "metrics.word_maps.chunk", f"{self.chunk!r}",
                 "give a positive number of queries")
 

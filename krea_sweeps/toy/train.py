@@ -86,6 +86,16 @@ def state_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def optimizer_step(opt, params, loss, bar) -> None:
+    """One step of every stage: clipped gradients (the tiny blocks spike early), loss on the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.update(1)
+
+
 def cosine_lr(opt, step: int, total: int, base: float, warmup: int = 50) -> None:
     lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
     for group in opt.param_groups:
@@ -141,12 +151,7 @@ def train_vae(images: torch.Tensor, gen: torch.Generator):
                         code = vae.encode(x).latent_dist.mean
                 loss = F.mse_loss(vae.decode(code).sample, x)
             cosine_lr(opt, step, steps, RECIPE["vae_lr"], warmup=20)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.update(1)
+            optimizer_step(opt, params, loss, bar)
         bar.close()
     return vae.eval().requires_grad_(False)
 
@@ -272,12 +277,7 @@ def train_raw(x0: torch.Tensor, caption_idx: torch.Tensor, taps, masks, empty: i
             pred = velocity(model, xt, sigma, taps[cap], masks[cap])
         loss = F.mse_loss(pred, noise - x)
         cosine_lr(opt, step, RECIPE["dit_steps"], RECIPE["dit_lr"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.update(1)
+        optimizer_step(opt, params, loss, bar)
     bar.close()
     return model.eval().requires_grad_(False)
 
@@ -315,12 +315,7 @@ def train_turbo(raw, x0, caption_idx, taps, masks, empty: int, gen: torch.Genera
         with text_fusion_once_per_caption(student, r):
             loss = F.mse_loss(velocity(student, xt, sigma, taps[cap], masks[cap]), target)
         cosine_lr(opt, step, RECIPE["turbo_steps"], RECIPE["turbo_lr"], warmup=20)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.update(1)
+        optimizer_step(opt, params, loss, bar)
     bar.close()
     return student.eval().requires_grad_(False)
 
