@@ -173,8 +173,16 @@ def attribution_grid(text_path, patch: Patch, enc_b, enc_a) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------- the metrics
+class PatchMetric(Metric):
+    """A metric that reads the job's patch intervention (clean prompt, site): the job is refused without one."""
+
+    def validate(self, job) -> None:
+        super().validate(job)
+        the_patch(job)
+
+
 @dataclass
-class Restoration(Metric):
+class Restoration(PatchMetric):
     """How much of the clean prompt A the job's patch restores in the corrupted prompt B (module docstring)."""
 
     images: bool = True  # image restoration (generates A's stock images); false: conditioning only
@@ -189,10 +197,6 @@ class Restoration(Metric):
 
     def summary_keys(self, job) -> list[str]:
         return [f"{self.name}/cond"] + ([f"{self.name}/image"] if self.images else [])
-
-    def validate(self, job) -> None:
-        super().validate(job)
-        the_patch(job)
 
     def compute(self, ctx: JobContext) -> MetricOutput:
         from ..interventions import applied
@@ -235,7 +239,7 @@ class Restoration(Metric):
 
 
 @dataclass
-class Attribution(Metric):
+class Attribution(PatchMetric):
     """Attribution patching: one gradient per pair approximates every single (slot, token) patch (module docstring).
     Text path only: no DiT, CPU-able at full size."""
 
@@ -246,10 +250,6 @@ class Attribution(Metric):
 
     def summary_keys(self, job) -> list[str]:
         return [f"{self.name}/total"] + ([f"{self.name}/corr_patching"] if self.compare else [])
-
-    def validate(self, job) -> None:
-        super().validate(job)
-        the_patch(job)
 
     def compute(self, ctx: JobContext) -> MetricOutput:
         from ..sampler import trim_padding
