@@ -401,10 +401,14 @@ class ComposeOnce:
     Hydra composes each job from scratch (defaults list, every YAML file, merges: ~0.1 s on a 2-core CPU, a third of
     a conditioning-only job). Jobs that differ from an already composed one only in plain value overrides
     (`intervention.slot=3`: no `+`/`~`, no config group, no dict value, no `hydra.*` key) get a copy of that job's
-    config with the differing overrides applied by Hydra's own `_apply_overrides_to_config` — the step that applies
-    value overrides after composition — and `hydra.overrides.task` / `hydra.job.override_dirname` set as Hydra sets
-    them. Anything else (another group choice, another set of keys) is composed by Hydra as before. Equality with
-    Hydra's composition: `tests/test_speed.py::test_compose_once_equals_hydra`. Other attributes are the loader's."""
+    config with the differing overrides applied as Hydra applies a plain value override after composition
+    (`OmegaConf.update(cfg, key, value, merge=True)` on the value Hydra's public `OverridesParser` parsed; a rejected
+    value raises Hydra's `ConfigCompositionException`), and `hydra.overrides.task` / `hydra.job.override_dirname` set
+    as Hydra sets them. No private function of Hydra's is called (its basic sweeper and launcher classes, which we
+    subclass, live under `hydra._internal.core_plugins`: that is where Hydra ships them). Anything else (another
+    group choice, another set of keys) is composed by Hydra as before. Equality with Hydra's composition (lists, quoted strings, null,
+    nested keys, interpolations, a rejected value): `tests/test_speed.py::test_compose_once_equals_hydra`. Other
+    attributes are the loader's."""
 
     def __init__(self, loader) -> None:
         self.loader = loader
@@ -416,7 +420,6 @@ class ComposeOnce:
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
         import copy
 
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         lines = [str(o) for o in OmegaConf.to_container(master_config.hydra.overrides.hydra)] + list(sweep_overrides)
@@ -427,13 +430,13 @@ class ComposeOnce:
             self.template = (parsed, copy.deepcopy(cfg))
             return cfg
         cfg = copy.deepcopy(self.template[1])
-        ConfigLoaderImpl._apply_overrides_to_config(changed, cfg)
+        apply_value_overrides(changed, cfg)
         task = [o for o in parsed if not o.is_hydra_override()]
         dirname = cfg.hydra.job.config.override_dirname
         with open_dict(cfg.hydra):
             cfg.hydra.overrides.task = [o.input_line for o in task]
-            cfg.hydra.job.override_dirname = get_overrides_dirname(
-                overrides=task, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys)
+            cfg.hydra.job.override_dirname = overrides_dirname(task, dirname.exclude_keys, dirname.item_sep,
+                                                               dirname.kv_sep)
         OmegaConf.copy_cache(from_config=master_config, to_config=cfg)
         return cfg
 
@@ -456,6 +459,30 @@ class ComposeOnce:
                 return None
             changed.append(new)
         return changed
+
+
+def apply_value_overrides(overrides: list, cfg: DictConfig) -> None:
+    """Apply plain value overrides (`key=value`: no `+`/`~`, no package) to a composed config as Hydra does after
+    composition: `OmegaConf.update(..., merge=True)`, an OmegaConf error re-raised as `ConfigCompositionException`
+    naming the override line."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    for override in overrides:
+        try:
+            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+        except (ConfigAttributeError, ConfigKeyError) as ex:
+            raise ConfigCompositionException(f"Could not override '{override.key_or_group}'."
+                                             f"\nTo append to your config use +{override.input_line}") from ex
+        except OmegaConfBaseException as ex:
+            raise ConfigCompositionException(f"Error merging override {override.input_line}") from ex
+
+
+def overrides_dirname(overrides: list, exclude_keys, item_sep: str, kv_sep: str) -> str:
+    """`hydra.job.override_dirname` as Hydra builds it: the override lines not excluded, sorted, joined by
+    `item_sep`, each `=` replaced by `kv_sep`."""
+    lines = sorted(o.input_line for o in overrides if o.key_or_group not in exclude_keys)
+    return item_sep.join(lines).replace("=", kv_sep)
 
 
 class PlannedSweeper(BasicSweeper):

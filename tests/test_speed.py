@@ -183,6 +183,15 @@ def test_compose_once_equals_hydra():
             ["intervention=leave_one_out", *base[1:], "intervention.slot=3", "intervention.strength=0.5"],  # group: Hydra
             [*base, "intervention.slot=2", "intervention.strength=0.5"],
             [*base, "intervention.slot=2", "intervention.strength=0.5", "+extra.key=1"]]  # other keys: Hydra
+    # value kinds ComposeOnce applies itself (each job differs from the one before only in values): a list, a quoted
+    # string with a comma, null, a nested key, an interpolation into another group, a list with an interpolation
+    values = [[*base, "intervention.slot=2", "intervention.strength=0.5", "seeds=[0,1]",
+               "sampler.negative_prompt='blurry, dark'", "sampler.height=null", "intervention.layer=null"],
+              [*base, "intervention.slot=4", "intervention.strength=2", "seeds=[3,'4',5]",
+               "sampler.negative_prompt=\"it's, \\\"quoted\\\"\"", "sampler.height=128", "intervention.layer=20"],
+              [*base, "intervention.slot=5", "intervention.strength=${sampler.height}", "seeds=[${intervention.slot}]",
+               "sampler.negative_prompt=plain", "sampler.height=null", "intervention.layer=null"]]
+    jobs += values
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         master = compose("config", base, return_hydra_config=True)
         loader = GlobalHydra.instance().config_loader()
@@ -197,7 +206,8 @@ def test_compose_once_equals_hydra():
             assert all(OmegaConf.to_container(fast[k], resolve=True) == OmegaConf.to_container(slow[k], resolve=True)
                        for k in slow if k != "hydra" and OmegaConf.is_config(slow[k]))
             assert OmegaConf.is_struct(fast) == OmegaConf.is_struct(slow)
-        assert reused == 3  # jobs 2, 3, 4 and 6 … minus the one after the group change (composed by Hydra)
+        assert reused == 3 + 2  # jobs 2, 3, 4 and 6 … minus the one after the group change (composed by Hydra); the
+        # first value-kinds job adds keys' overrides (composed by Hydra), the next two reuse it
         # a value the config rejects (typed configs) fails the same way on both paths
         bad = [*base, "intervention.slot=0", "intervention.strength=oops"]
         outcomes = []
