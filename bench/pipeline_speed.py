@@ -84,11 +84,11 @@ def path_samplers(base, device: torch.device, compile_cpu: bool, seeds: list[int
 
 
 def run_images(pipe, sampler, encoded, neg, seeds):
-    from krea_sweeps.sampler import generate_many
+    from krea_sweeps.sampler import Denoising, generate_many
 
     out = {}
     for p, cond in enumerate(encoded):
-        for s, image in zip(seeds, generate_many(pipe, sampler, cond, neg, seeds)):
+        for s, image in zip(seeds, generate_many(pipe, sampler, cond, neg, seeds, denoising=Denoising())):
             out[(p, s)] = image
     return out
 

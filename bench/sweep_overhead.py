@@ -223,7 +223,7 @@ def naive_loop(job_overrides: list[list[str]], fresh_parts) -> dict:
         with applied(job.interventions, ctx):
             for p in range(len(job.prompts)):
                 for seed in job.seeds:
-                    generate(pipe, eager, cond.index(p), neg, seed, state=ctx.state)
+                    generate(pipe, eager, cond.index(p), neg, seed, denoising=ctx.denoising)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t3 = time.perf_counter()

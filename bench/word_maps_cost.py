@@ -24,7 +24,7 @@ def dry_run_flops(text_tokens: int = 40, size: int = 1024) -> dict:
     from common import build_full_transformer
 
     from krea_sweeps.metrics.word_maps import MapSink, TextAttentionProcessor, swapped_processors
-    from krea_sweeps.sampler import DenoiseState
+    from krea_sweeps.sampler import Denoising
 
     meta = torch.device("meta")
     model = build_full_transformer(meta, torch.bfloat16)
@@ -38,7 +38,7 @@ def dry_run_flops(text_tokens: int = 40, size: int = 1024) -> dict:
     )
     with torch.no_grad(), count_flops() as stock:
         model(**inputs)
-    sink = MapSink(DenoiseState(), None, None, n_img, 1, [0], chunk=256)
+    sink = MapSink(Denoising(), None, None, n_img, 1, [0], chunk=256)
     sink.add = lambda maps: None  # meta tensors hold no values to accumulate
     blocks = list(model.transformer_blocks)
     with torch.no_grad(), swapped_processors([b.attn for b in blocks],
@@ -55,7 +55,7 @@ def cpu_wall_time(size: int, repeats: int) -> dict:
     from krea_sweeps.metrics.word_maps import MapSink, TextAttentionProcessor, swapped_processors
     from krea_sweeps.models import LoadedModel, ModelVariant
     from krea_sweeps.prompts import EncodeCache
-    from krea_sweeps.sampler import DenoiseState, Sampler, generate_many
+    from krea_sweeps.sampler import Denoising, Sampler, generate_many
 
     model = LoadedModel(ModelVariant(name="turbo", base="turbo", is_distilled=True, steps=8, guidance=0.0))
     pipe = model.pipeline()
@@ -65,13 +65,13 @@ def cpu_wall_time(size: int, repeats: int) -> dict:
     blocks = [b.attn for b in pipe.transformer.transformer_blocks]
 
     def plain():
-        return generate_many(pipe, sampler, cond, neg, [0])
+        return generate_many(pipe, sampler, cond, neg, [0], denoising=Denoising())
 
     def recording():
-        state = DenoiseState()
+        state = Denoising()
         sink = MapSink(state, None, None, (size // 16) ** 2, sampler.steps, [0], chunk=256)
         with swapped_processors(blocks, lambda old, i: TextAttentionProcessor(old, sink, i)):
-            return generate_many(pipe, sampler, cond, neg, [0], state=state)
+            return generate_many(pipe, sampler, cond, neg, [0], denoising=state)
 
     times = {"plain": [], "recording": []}
     plain(), recording()  # warm-up

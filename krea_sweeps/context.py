@@ -86,17 +86,17 @@ class JobContext:
     baseline_images: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
     cache: dict = field(default_factory=dict)  # per-job memo for metrics (one text-path trace serves them all)
-    # Where the job's generation is (CFG branch, step, seeds): the one object its interventions, map metrics and the
-    # text-path cache read, bound by each pipeline call it generates.
+    # The job's pipeline calls (sampler.Denoising): each gets its own DenoiseState; the job's interventions, map
+    # metrics and the text-path cache read the one the transformer runs for (`denoise.current`).
     denoise: Any = None
     compiled_blocks: bool | None = None  # whether the images came from compiled DiT blocks (None: no images)
     baseline_keys: dict = field(default_factory=dict)  # "pPP_sS" → the stock image's cache key (collect reads it)
 
     def __post_init__(self):
         if self.denoise is None:
-            from .sampler import DenoiseState
+            from .sampler import Denoising
 
-            self.denoise = DenoiseState()
+            self.denoise = Denoising()
 
     @property
     def prompts(self) -> list[str]:
@@ -159,7 +159,7 @@ class JobContext:
         from .interventions import InterventionContext
 
         return InterventionContext(text_path=self.text_path, encode=self.encode, num_steps=self.job.sampler.steps,
-                                   state=self.denoise, projector_chains=self.session.projector_chains,
+                                   denoising=self.denoise, projector_chains=self.session.projector_chains,
                                    hooks=self.session.hooks,
                                    prompts=[*self.job.prompts, self.job.sampler.negative_prompt],
                                    encode_layers=self.encode)
@@ -223,7 +223,7 @@ def generate_images(ctx: JobContext, pipe, with_interventions: bool, keys: list[
         for p, seeds in by_prompt.items():  # seeds of one prompt together: `sampler.batch_seeds` batches them
             with recorders(ctx, "job" if with_interventions else "stock", p, seeds):
                 images = generate_many(pipe, job.sampler, ctx.encoded.index(p), ctx.negative, seeds,
-                                       on_step=lambda: bar.update(1), state=ctx.denoise, session=ctx.session)
+                                       on_step=lambda: bar.update(1), denoising=ctx.denoise, session=ctx.session)
             out.update({(p, seed): image for seed, image in zip(seeds, images)})
     bar.close()
     return out
@@ -242,7 +242,7 @@ def stock_images_of(ctx: JobContext, prompt: str, seeds: list[int]) -> dict[int,
             out[s] = image
     if missing:
         fresh = generate_many(ctx.model.pipeline(), ctx.job.sampler, ctx.encode([prompt]), ctx.negative, missing,
-                              state=ctx.denoise, session=ctx.session)
+                              denoising=ctx.denoise, session=ctx.session)
         ctx.session.baseline_generations += len(fresh)
         for s, image in zip(missing, fresh):
             store_baseline(ctx.session, ctx.job, baseline_key(ctx.job, prompt, s, bool(ctx.compiled_blocks)), image)

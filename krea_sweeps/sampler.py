@@ -1,9 +1,10 @@
 """Generation (config group `sampler`) through diffusers' own `Krea2Pipeline`, fed our encoded `prompt_embeds`.
 
-Nothing here re-implements the sampler: the pipeline runs the scheduler, CFG and VAE decode. What we add is the
-`DenoiseState` — which CFG branch and which denoising step the transformer (and so `text_fusion`) is running for,
-read off what the pipeline passes (which embeddings object, which step its callback reports), never by counting
-calls — so interventions can be gated to the positive branch and to a step window.
+Nothing here re-implements the sampler: the pipeline runs the scheduler, CFG and VAE decode. What we add is a
+`DenoiseState` per pipeline call — which CFG branch and which denoising step the transformer (and so `text_fusion`)
+is running for, read off what the pipeline passes (which embeddings object, which step its callback reports), never
+by counting calls — and `Denoising`, which follows a job's calls and says which one the transformer is running for
+now, so interventions can be gated to the positive branch and to a step window, per call.
 
 The fast path (`sampler.fast=true`, the config default) keeps the same pipeline call and changes only what it is fed
 and how the transformer's text modules are called, each lever exact in math and switchable on its own:
@@ -36,42 +37,84 @@ log = logging.getLogger(__name__)
 
 
 class DenoiseState:
-    """Where generation is, as the pipeline says it — one object per job (or test), bound to each pipeline call it
-    follows and passed explicitly to whatever gates on it (interventions via `InterventionContext.state`, map
-    metrics, the text-path cache). Read `branch`, `step` and `seeds`; nothing here counts calls.
+    """Where one `Krea2Pipeline` call is, as the pipeline says it — one object per pipeline call, made where the
+    pipeline is called (`Denoising.following`) and never shared with another call. Nothing here counts calls.
 
     - `branch` ∈ {cond, uncond}: which embeddings object the transformer receives as `encoder_hidden_states` — the
-      one the pipeline made from our positive `prompt_embeds`, or from our negative ones (`following` records both
-      as `Krea2Pipeline.encode_prompt` returns them). Anything else (e.g. a batched-CFG release) raises.
+      one the pipeline made from this call's positive `prompt_embeds`, or from its negative ones (recorded as
+      `Krea2Pipeline.encode_prompt` returns them). Read off each transformer call by `Denoising`.
     - `step`: the denoising step index, from the pipeline's `callback_on_step_end` (0 until step 0 ends, then i+1);
       equal to the scheduler's index of the timestep the transformer is running.
-    - `seeds`: the images of the current pipeline call, in batch order.
-    - `step_dependent`: per branch, how many attached edits declared that they vary with the step there
-      (`Intervention.depends_on_step`); while > 0 the text-path cache stores nothing for that branch.
+    - `seeds`: the images of this pipeline call, in batch order."""
 
-    Outside a pipeline call it reads cond / step 0: conditioning-only runs see the text path as the positive branch
-    does at the first step."""
-
-    def __init__(self, branch: str = "cond", step: int = 0):
+    def __init__(self, branch: str = "cond", step: int = 0, seeds: list[int] | None = None):
         self.branch = branch
         self.step = step
-        self.seeds: list[int] = []
-        self.step_dependent = {"cond": 0, "uncond": 0}
-        self._embeddings: dict[str, torch.Tensor] = {}
+        self.seeds: list[int] = list(seeds or [])
+        self.embeddings: dict[str, torch.Tensor] = {}
 
-    def reset(self) -> None:
-        self.branch, self.step, self.seeds, self._embeddings = "cond", 0, [], {}
-
-    def branch_of(self, embeddings) -> str:
-        """The CFG branch whose embeddings object `embeddings` is (identity, not content: equal prompts stay apart)."""
-        for branch, given in self._embeddings.items():
+    def owns(self, embeddings) -> str | None:
+        """The branch whose embeddings object `embeddings` is in this call (identity, not content: equal prompts
+        stay apart), or None."""
+        for branch, given in self.embeddings.items():
             if embeddings is given:
                 return branch
-        raise RuntimeError(
-            "krea_sweeps cannot tell the CFG branch: the transformer received text embeddings that are neither the "
-            "positive nor the negative prompt_embeds this Krea2Pipeline call prepared (a diffusers release that "
-            "batches both halves into one call?). Gated interventions would edit the wrong rows; use the diffusers "
-            "version pinned in pyproject.toml (>=0.42.1,<0.43), which calls the transformer once per branch.")
+        return None
+
+    def __repr__(self) -> str:
+        return f"DenoiseState(branch={self.branch!r}, step={self.step}, seeds={self.seeds})"
+
+
+# The text path run on its own (conditioning-only metrics, fit, capture): no pipeline call, so the positive branch
+# at the first step — what gates read there. Never advanced: a pipeline call gets a state of its own.
+CONDITIONING = DenoiseState()
+
+
+class Denoising:
+    """The pipeline calls one job (or test) follows, and which of them the transformer is running for right now.
+
+    Each pipeline call gets its own `DenoiseState` (`following`, called where the pipeline is called); while the
+    transformer runs for a call, `current` is that call's state, so what is attached (interventions' hooks through
+    `InterventionContext.state`, map metrics, the text-path cache) reads the state of the call it is inside — two
+    interleaved calls (a second pipeline call inside a step callback) never share or reset each other's state.
+    Outside any transformer call `current` is `CONDITIONING` (cond / step 0): the text path run on its own.
+
+    `generate`/`generate_many` take one as a required argument: a call cannot be made without saying which
+    interventions' tracker follows it. `step_dependent` counts, per branch, the attached edits that declared they
+    vary with the step (`Intervention.depends_on_step`); while > 0 the text-path cache stores nothing for that
+    branch. `branch`, `step` and `seeds` read `current`'s."""
+
+    def __init__(self):
+        self.calls: list[DenoiseState] = []    # the pipeline calls in progress (outer first)
+        self.running: list[DenoiseState] = []  # the calls whose transformer forward is in progress (innermost last)
+        self.step_dependent = {"cond": 0, "uncond": 0}
+
+    @property
+    def current(self) -> DenoiseState:
+        return self.running[-1] if self.running else CONDITIONING
+
+    @property
+    def branch(self) -> str:
+        return self.current.branch
+
+    @property
+    def step(self) -> int:
+        return self.current.step
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.current.seeds
+
+    @contextmanager
+    def at(self, branch: str = "cond", step: int = 0, seeds: list[int] | None = None):
+        """`current` reads (branch, step) while the body runs: the text path called by hand as a pipeline call
+        would at that point (tests, tracing)."""
+        state = DenoiseState(branch, step, seeds)
+        self.running.append(state)
+        try:
+            yield state
+        finally:
+            self.running.remove(state)
 
     @contextmanager
     def declaring(self, depends_on_step: bool, apply_to: str = "both"):
@@ -91,47 +134,80 @@ class DenoiseState:
         """Whether an attached edit declared that the current branch's text path varies with the step."""
         return self.step_dependent.get(self.branch, 0) > 0
 
+    def owner(self, embeddings) -> tuple[DenoiseState, str]:
+        """The call in progress that prepared `embeddings`, and its branch; anything else raises."""
+        for state in reversed(self.calls):
+            branch = state.owns(embeddings)
+            if branch is not None:
+                return state, branch
+        raise RuntimeError(
+            "krea_sweeps cannot tell the CFG branch: the transformer received text embeddings that are neither the "
+            "positive nor the negative prompt_embeds of a Krea2Pipeline call this Denoising follows (a diffusers "
+            "release that batches both halves into one call, or a pipeline call made without `following`?). Gated "
+            "interventions would edit the wrong rows; use the diffusers version pinned in pyproject.toml "
+            "(>=0.42.1,<0.43), which calls the transformer once per branch, and generate through "
+            "sampler.generate_many.")
+
     @contextmanager
     def following(self, pipe, positive, negative, seeds: list[int]):
-        """Bind this state to one `pipe(...)` call whose `prompt_embeds` is `positive` and `negative_prompt_embeds`
-        is `negative` (None without CFG); yields the `callback_on_step_end` that advances `step`.
+        """Follow one `pipe(...)` call whose `prompt_embeds` is `positive` and `negative_prompt_embeds` is `negative`
+        (None without CFG) with a new `DenoiseState`; yields (state, the `callback_on_step_end` that advances its
+        step, positive, negative).
 
         `encode_prompt` (public) is wrapped on the instance for the call to learn which objects it returns for which
-        input; a pre-hook on the transformer (first in line, before anything that rebuilds its arguments) reads the
-        branch off the object it receives. Both are removed on exit and the state reads cond / 0 again."""
+        input; a pre-hook on the transformer (first in line, before anything that rebuilds its arguments) makes the
+        call that prepared the embeddings it receives `current` until the forward ends (a forward hook that runs
+        also when the forward raises). All of it is removed on exit; a call inside this one (from a step callback)
+        nests: it wraps `encode_prompt` again and restores this call's wrapper when it ends."""
         if negative is not None and negative is positive:  # one object passed twice: give the negative its own
             negative = negative.detach()                     # identity (a view: no copy)
+        state = DenoiseState(seeds=seeds)
+        had_own = "encode_prompt" in pipe.__dict__
         encode_prompt = pipe.encode_prompt
 
         def recording_encode_prompt(*args, **kwargs):
             out = encode_prompt(*args, **kwargs)
             given = kwargs.get("prompt_embeds")
             if given is not None and given is positive:
-                self._embeddings["cond"] = out[0]
+                state.embeddings["cond"] = out[0]
             elif given is not None and given is negative:
-                self._embeddings["uncond"] = out[0]
+                state.embeddings["uncond"] = out[0]
             return out
 
-        def transformer_pre_hook(module, args, kwargs):
-            self.branch = self.branch_of(kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None))
+        def enter(module, args, kwargs):
+            owner, branch = self.owner(kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None))
+            if owner is state:
+                state.branch = branch
+                self.running.append(state)
+
+        def leave(module, args, output):
+            if self.running and self.running[-1] is state:
+                self.running.pop()
 
         def step_end(_pipe, i, _t, callback_kwargs):
-            self.step = int(i) + 1
+            state.step = int(i) + 1
             return callback_kwargs
 
-        self.reset()
-        self.seeds = list(seeds)
+        transformer = pipe.transformer
         pipe.encode_prompt = recording_encode_prompt
-        handle = pipe.transformer.register_forward_pre_hook(transformer_pre_hook, with_kwargs=True, prepend=True)
+        self.calls.append(state)
+        handles = [transformer.register_forward_pre_hook(enter, with_kwargs=True, prepend=True),
+                   transformer.register_forward_hook(leave, always_call=True)]
         try:
-            yield step_end, positive, negative
+            yield state, step_end, positive, negative
         finally:
-            handle.remove()
-            del pipe.encode_prompt  # the class's method again
-            self.reset()
+            for handle in handles:
+                handle.remove()
+            self.calls.remove(state)
+            while state in self.running:
+                self.running.remove(state)
+            if had_own:
+                pipe.encode_prompt = encode_prompt  # the enclosing call's wrapper
+            else:
+                del pipe.encode_prompt  # the class's method again
 
     def __repr__(self) -> str:
-        return f"DenoiseState(branch={self.branch!r}, step={self.step}, seeds={self.seeds})"
+        return f"Denoising(current={self.current!r}, calls={len(self.calls)})"
 
 
 @dataclass
@@ -209,47 +285,48 @@ def max_text_tokens(variant) -> int | None:
 
 # ----------------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
-def generate(pipe, sampler: Sampler, cond, neg, seed: int, on_step=None, state: DenoiseState | None = None,
+def generate(pipe, sampler: Sampler, cond, neg, seed: int, *, denoising: Denoising, on_step=None,
              step_dependent: bool = False, session=None) -> np.ndarray:
     """One image [H, W, 3] in [0, 1] for one encoded prompt and seed, through `Krea2Pipeline.__call__`."""
-    return generate_many(pipe, sampler, cond, neg, [seed], on_step=on_step, state=state,
+    return generate_many(pipe, sampler, cond, neg, [seed], denoising=denoising, on_step=on_step,
                          step_dependent=step_dependent, session=session)[0]
 
 
 @torch.no_grad()
-def generate_many(pipe, sampler: Sampler, cond, neg, seeds: list[int], on_step=None, state: DenoiseState | None = None,
+def generate_many(pipe, sampler: Sampler, cond, neg, seeds: list[int], *, denoising: Denoising, on_step=None,
                   step_dependent: bool = False, session=None) -> list[np.ndarray]:
     """Images for one encoded prompt and several seeds, in seed order.
 
-    `state`: the `DenoiseState` that attached interventions and metrics gate on (`InterventionContext.state`); each
-    pipeline call binds it. Without one, a fresh state is followed (nothing attached can be reading it).
-    The text-path cache stores nothing for a branch while `state` counts an attached edit that declared
-    `depends_on_step` there, and is off when `step_dependent=True` (for callers that know more than what is attached).
-    `session` records which DiTs this process compiled (default: the process's session)."""
+    `denoising` (required: there is no default to fall back on silently): the tracker the attached interventions and
+    metrics read (`InterventionContext.denoising`, `JobContext.denoise`); each pipeline call gets its own
+    `DenoiseState` from it. The text-path cache stores nothing for a branch while `denoising` counts an attached edit
+    that declared `depends_on_step` there, and is off when `step_dependent=True` (for callers that know more than
+    what is attached). `session` records which DiTs this process compiled (default: the process's session)."""
     from .session import current_session
 
-    state = state if state is not None else DenoiseState()
     session = session if session is not None else current_session()
     if not sampler.fast:
         warn_if_eager_on_compiled(pipe.transformer, session)
-        return [_pipeline_call(pipe, sampler, cond, neg, [seed], on_step, state)[0] for seed in seeds]
+        return [_pipeline_call(pipe, sampler, cond, neg, [seed], on_step, denoising)[0] for seed in seeds]
     if sampler.trim_padding:
         cond, neg = trim_padding(cond), trim_padding(neg)
     groups = [list(seeds)] if sampler.batch_seeds else [[s] for s in seeds]
     out = []
     cache_text = sampler.cache_text_path and not step_dependent
-    with fast_transformer(pipe.transformer, sampler, cache_text=cache_text, state=state, session=session):
+    with fast_transformer(pipe.transformer, sampler, cache_text=cache_text, denoising=denoising, session=session):
         for group in groups:
-            out.extend(_pipeline_call(pipe, sampler, cond, neg, group, on_step, state))
+            out.extend(_pipeline_call(pipe, sampler, cond, neg, group, on_step, denoising))
     return out
 
 
-def _pipeline_call(pipe, sampler: Sampler, cond, neg, seeds: list[int], on_step, state: DenoiseState) -> list[np.ndarray]:
+def _pipeline_call(pipe, sampler: Sampler, cond, neg, seeds: list[int], on_step, denoising: Denoising
+                   ) -> list[np.ndarray]:
     """One `Krea2Pipeline.__call__` for `len(seeds)` images of one prompt (seed i's noise from its own generator, so
-    a batch's latents equal the single-seed ones), followed by `state`."""
+    a batch's latents equal the single-seed ones), with a `DenoiseState` of its own that `denoising` follows."""
     use_cfg = sampler.guidance > 0
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    with state.following(pipe, cond.taps, neg.taps if use_cfg else None, seeds) as (advance, positive, negative):
+    with denoising.following(pipe, cond.taps, neg.taps if use_cfg else None, seeds) as (_, advance, positive,
+                                                                                         negative):
         def step_end(_pipe, i, t, kwargs):
             kwargs = advance(_pipe, i, t, kwargs)
             if on_step is not None:
@@ -323,7 +400,7 @@ def warn_if_eager_on_compiled(transformer, session) -> None:
 
 
 @contextmanager
-def fast_transformer(transformer, sampler: Sampler, cache_text: bool, state: DenoiseState, session):
+def fast_transformer(transformer, sampler: Sampler, cache_text: bool, denoising: Denoising, session):
     """Install the fast path's hooks for one `generate_many` call; everything is removed on exit.
 
     - an unmasked DiT when the text holds no pads: the transformer pre-hook drops an all-True key mask and rebuilds
@@ -336,7 +413,7 @@ def fast_transformer(transformer, sampler: Sampler, cache_text: bool, state: Den
         if sampler.trim_padding:
             stack.enter_context(_unmasked_dit(transformer))
         if cache_text:
-            cache = TextPathCache(state)
+            cache = TextPathCache(denoising)
             stack.enter_context(cache.wrapping(transformer, "text_fusion"))
             stack.enter_context(cache.wrapping(transformer, "txt_in"))
         yield
@@ -400,7 +477,7 @@ class CachedTextModule(nn.Module):
         self.cache = cache  # a plain object, not a module: not part of the state dict
 
     def forward(self, x, *args, **kwargs):
-        cache, state = self.cache, self.cache.state
+        cache, state = self.cache, self.cache.denoising
         mask = kwargs.get("attention_mask", args[0] if args else None)
         key = (id(self.inner), state.branch)
         entry = cache.entries.get(key)
@@ -418,10 +495,11 @@ class CachedTextModule(nn.Module):
 
 
 class TextPathCache:
-    """The text-path cache of one `generate_many` call: entries, hit/miss counts, and the state it keys on."""
+    """The text-path cache of one `generate_many` call: entries, hit/miss counts, and the tracker whose current call
+    (its branch) it keys on."""
 
-    def __init__(self, state: DenoiseState | None = None):
-        self.state = state if state is not None else DenoiseState()
+    def __init__(self, denoising: Denoising):
+        self.denoising = denoising
         self.entries: dict[tuple, tuple] = {}
         self.hits = self.misses = 0
 

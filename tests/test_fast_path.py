@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from krea_sweeps.interventions import Intervention, InterventionContext, applied
 from krea_sweeps.models import TextPath
 from krea_sweeps.prompts import encode
-from krea_sweeps.sampler import DenoiseState, Sampler, TextPathCache, generate, generate_many, trim_padding
+from krea_sweeps.sampler import Denoising, Sampler, TextPathCache, generate, generate_many, trim_padding
 
 ATOL = 1e-4
 SEQ = 64  # short padding keeps the eager reference quick; trimming still drops most of it
@@ -67,7 +67,7 @@ def _fast(eager: Sampler, **levers) -> Sampler:
 def _intervened(pipe, interventions, steps):
     ctx = InterventionContext(text_path=TextPath.of(pipe.transformer), num_steps=steps)
     with applied(interventions, ctx):
-        yield ctx.state
+        yield ctx.denoising
 
 
 @contextmanager
@@ -88,9 +88,9 @@ def _max_diff(a, b) -> float:
 @pytest.mark.parametrize("variant", ["turbo", "raw"])  # raw: CFG, cond and negative of different trimmed lengths
 def test_fast_path_equals_eager_without_intervention(variant, request):
     pipe, cond, neg, eager = _setup(request.getfixturevalue(variant))
-    ref = generate(pipe, eager, cond, neg, seed=3)
-    fast = generate(pipe, _fast(eager), cond, neg, seed=3)
-    trimmed_only = generate(pipe, _fast(eager, cache_text_path=False), cond, neg, seed=3)
+    ref = generate(pipe, eager, cond, neg, seed=3, denoising=Denoising())
+    fast = generate(pipe, _fast(eager), cond, neg, seed=3, denoising=Denoising())
+    trimmed_only = generate(pipe, _fast(eager, cache_text_path=False), cond, neg, seed=3, denoising=Denoising())
     assert _max_diff(fast, ref) < ATOL
     assert np.array_equal(fast, trimmed_only)  # the cache is bit-exact: same calls, reused
 
@@ -99,22 +99,22 @@ def test_fast_path_equals_eager_without_intervention(variant, request):
 def test_fast_path_equals_eager_with_a_gated_intervention(raw, steps_window):
     """Raw has CFG: the edit applies to the positive branch only (and, with a window, to steps 1–2 only)."""
     pipe, cond, neg, eager = _setup(raw)
-    stock = generate(pipe, eager, cond, neg, seed=1)
+    stock = generate(pipe, eager, cond, neg, seed=1, denoising=Denoising())
     solo = ProjectorOneHot(apply_to="cond", steps=steps_window)
     with _intervened(pipe, [solo], eager.steps) as state:
-        ref = generate(pipe, eager, cond, neg, seed=1, state=state)
-        fast = generate(pipe, _fast(eager), cond, neg, seed=1, state=state)  # the window is declared: no caching
-        flagged = generate(pipe, _fast(eager), cond, neg, seed=1, state=state, step_dependent=True)
+        ref = generate(pipe, eager, cond, neg, seed=1, denoising=state)
+        fast = generate(pipe, _fast(eager), cond, neg, seed=1, denoising=state)  # the window is declared: no caching
+        flagged = generate(pipe, _fast(eager), cond, neg, seed=1, denoising=state, step_dependent=True)
     assert _max_diff(ref, stock) > 1e-2  # the intervention does something
     assert _max_diff(fast, ref) < ATOL
     assert np.array_equal(fast, flagged)
-    assert np.array_equal(generate(pipe, eager, cond, neg, seed=1), stock)  # detached exactly
+    assert np.array_equal(generate(pipe, eager, cond, neg, seed=1, denoising=Denoising()), stock)  # detached exactly
 
 
 def test_batched_seeds_equal_one_call_per_seed(turbo):
     pipe, cond, neg, eager = _setup(turbo)
-    singles = [generate(pipe, eager, cond, neg, seed=s) for s in (0, 1, 2)]
-    batched = generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [0, 1, 2])
+    singles = [generate(pipe, eager, cond, neg, seed=s, denoising=Denoising()) for s in (0, 1, 2)]
+    batched = generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [0, 1, 2], denoising=Denoising())
     assert len(batched) == 3 and all(_max_diff(b, s) < ATOL for b, s in zip(batched, singles))
     assert _max_diff(batched[0], batched[1]) > 1e-2  # each seed kept its own noise
 
@@ -123,13 +123,13 @@ def test_batched_seeds_equal_one_call_per_seed(turbo):
 @pytest.mark.parametrize("variant, per_image", [("turbo", 1), ("raw", 2)])  # once per image and CFG branch
 def test_text_path_runs_once_per_image_when_cached(variant, per_image, request):
     pipe, cond, neg, eager = _setup(request.getfixturevalue(variant), steps=4)
-    state = DenoiseState()
+    state = Denoising()
     with _count_calls(pipe.transformer.text_fusion.projector, state) as eager_calls:
-        generate(pipe, eager, cond, neg, seed=0, state=state)
+        generate(pipe, eager, cond, neg, seed=0, denoising=state)
     with _count_calls(pipe.transformer.text_fusion.projector, state) as fast_calls:
-        generate_many(pipe, _fast(eager), cond, neg, [0, 1], state=state)
+        generate_many(pipe, _fast(eager), cond, neg, [0, 1], denoising=state)
     with _count_calls(pipe.transformer.text_fusion.projector, state) as batch_calls:
-        generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [0, 1], state=state)
+        generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [0, 1], denoising=state)
     assert len(eager_calls) == 4 * per_image
     assert len(fast_calls) == 2 * per_image and {s for _, s in fast_calls} == {0}
     assert len(batch_calls) == per_image
@@ -139,7 +139,7 @@ def test_a_step_window_bypasses_the_cache(raw):
     pipe, cond, neg, eager = _setup(raw, steps=4)
     with _intervened(pipe, [ProjectorOneHot(apply_to="cond", steps=[1, 2])], eager.steps) as state:
         with _count_calls(pipe.transformer.text_fusion.projector, state) as calls:
-            generate(pipe, _fast(eager), cond, neg, seed=0, state=state)
+            generate(pipe, _fast(eager), cond, neg, seed=0, denoising=state)
     cond_calls = [s for b, s in calls if b == "cond"]
     assert cond_calls == [0, 1, 2, 3]  # the branch with a declared step window recomputed every step
     assert [s for b, s in calls if b == "uncond"] == [0]  # the untouched branch still cached
@@ -149,7 +149,7 @@ def test_fast_path_leaves_no_hooks_behind(raw):
     pipe, cond, neg, eager = _setup(raw, steps=2)
     tf = pipe.transformer.text_fusion
     before = (len(pipe.transformer._forward_pre_hooks), len(tf._forward_pre_hooks), len(tf._forward_hooks))
-    generate(pipe, _fast(eager), cond, neg, seed=0)
+    generate(pipe, _fast(eager), cond, neg, seed=0, denoising=Denoising())
     after = (len(pipe.transformer._forward_pre_hooks), len(tf._forward_pre_hooks), len(tf._forward_hooks))
     assert before == after
     assert pipe.transformer.text_fusion is tf and pipe.transformer.get_submodule("txt_in") is pipe.transformer.txt_in
@@ -175,7 +175,7 @@ def test_text_path_cache_drops_an_entry_edited_in_place():
     x = torch.ones(1, 2)
     with torch.no_grad():
         eager = lin(x)
-        with TextPathCache().wrapping(parent, "0") as cache:
+        with TextPathCache(Denoising()).wrapping(parent, "0") as cache:
             first = parent(x)
             second = parent(x)
             assert second is first and torch.equal(first, eager) and cache.hits == 1
@@ -225,11 +225,11 @@ def test_fast_path_equals_eager_with_real_interventions(raw, name):
     layers = tuple(raw.variant.select_layers)
     ctx = InterventionContext(text_path=TextPath.of(pipe.transformer), num_steps=eager.steps,
                               encode=lambda ps: encode(raw.tokenizer, raw.text_encoder, ps, SEQ, layers))
-    stock = generate(pipe, eager, cond, neg, seed=1)
+    stock = generate(pipe, eager, cond, neg, seed=1, denoising=Denoising())
     with applied([_real_interventions()[name]()], ctx):
-        ref = generate_many(pipe, eager, cond, neg, [1, 2], state=ctx.state)
-        trimmed = generate_many(pipe, _fast(eager), cond, neg, [1, 2], state=ctx.state)
-        batched = generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [1, 2], state=ctx.state)
+        ref = generate_many(pipe, eager, cond, neg, [1, 2], denoising=ctx.denoising)
+        trimmed = generate_many(pipe, _fast(eager), cond, neg, [1, 2], denoising=ctx.denoising)
+        batched = generate_many(pipe, _fast(eager, batch_seeds=True), cond, neg, [1, 2], denoising=ctx.denoising)
     assert _max_diff(ref[0], stock) > 1e-2  # the intervention does something
     for fast in (trimmed, batched):
         assert len(fast) == 2 and all(_max_diff(f, r) < ATOL for f, r in zip(fast, ref)), name
@@ -261,11 +261,11 @@ def test_a_taps_pre_hook_keeps_the_text_path_once_per_image_and_branch(raw):
     """The cache is keyed on the tensor the transformer passed, before text_fusion's own hooks make a new one (Raw:
     CFG, so two branches per image)."""
     pipe, cond, neg, eager = _setup(raw, steps=3)
-    stock = generate(pipe, eager, cond, neg, seed=0)
+    stock = generate(pipe, eager, cond, neg, seed=0, denoising=Denoising())
     with _intervened(pipe, [TapsEditStandIn(apply_to="both")], eager.steps) as state:
-        ref = generate(pipe, eager, cond, neg, seed=0, state=state)
+        ref = generate(pipe, eager, cond, neg, seed=0, denoising=state)
         with _count_calls(pipe.transformer.text_fusion.projector, state) as calls:
-            fast = generate_many(pipe, _fast(eager), cond, neg, [0, 1], state=state)
+            fast = generate_many(pipe, _fast(eager), cond, neg, [0, 1], denoising=state)
     assert _max_diff(ref, stock) > 1e-2  # the stand-in does something
     assert sorted(calls) == [("cond", 0), ("cond", 0), ("uncond", 0), ("uncond", 0)]  # 2 images × 2 branches
     assert _max_diff(fast[0], ref) < ATOL
@@ -289,8 +289,8 @@ def test_eager_call_on_compiled_blocks_warns_and_says_so(turbo, caplog):
         assert blocks_compiled(pipe.transformer, session) and runs_compiled(eager, pipe.transformer, session)
         assert not blocks_compiled(pipe.transformer, Session())  # another session did not compile it
         with caplog.at_level("WARNING", logger="krea_sweeps.sampler"):
-            generate(pipe, eager, cond, neg, seed=0, session=session)
-            generate(pipe, eager, cond, neg, seed=0, session=session)
+            generate(pipe, eager, cond, neg, seed=0, session=session, denoising=Denoising())
+            generate(pipe, eager, cond, neg, seed=0, session=session, denoising=Denoising())
     finally:
         for block in pipe.transformer.transformer_blocks:  # leave the shared transformer as it was (test-only poke)
             block._compiled_call_impl = None
@@ -333,12 +333,12 @@ def test_a_declared_per_call_edit_is_not_frozen_by_the_cache(turbo):
     """Fresh attach per generation (its counter restarts): declared ⇒ the fast path equals the eager path; the same
     edit undeclared is frozen at its first call — the declaration, not a guess, is what turns the cache off."""
     pipe, cond, neg, eager = _setup(turbo, steps=3)
-    stock = generate(pipe, eager, cond, neg, seed=0)
+    stock = generate(pipe, eager, cond, neg, seed=0, denoising=Denoising())
     runs = {}
     for label, sampler, declared in [("eager", eager, True), ("fast", _fast(eager), True),
                                      ("fast_undeclared", _fast(eager), False)]:
         with _intervened(pipe, [PerCallDrift(declared=declared)], eager.steps) as state:
-            runs[label] = generate(pipe, sampler, cond, neg, seed=0, state=state)
+            runs[label] = generate(pipe, sampler, cond, neg, seed=0, denoising=state)
     assert _max_diff(runs["eager"], stock) > 1e-2
     assert _max_diff(runs["fast"], runs["eager"]) < ATOL
     assert _max_diff(runs["fast_undeclared"], runs["eager"]) > 1e-3  # frozen: what declaring prevents
@@ -350,9 +350,9 @@ def test_identity_through_the_cache_is_bit_identical(raw):
     from krea_sweeps.interventions import TapScale
 
     pipe, cond, neg, eager = _setup(raw, steps=2)
-    stock = generate(pipe, _fast(eager), cond, neg, seed=2)
+    stock = generate(pipe, _fast(eager), cond, neg, seed=2, denoising=Denoising())
     for steps in (None, [1, 2]):
         with _intervened(pipe, [TapScale(gains=[1.0] * 12, steps=steps)], eager.steps) as state:
-            cached = generate(pipe, _fast(eager), cond, neg, seed=2, state=state)
-            uncached = generate(pipe, _fast(eager, cache_text_path=False), cond, neg, seed=2, state=state)
+            cached = generate(pipe, _fast(eager), cond, neg, seed=2, denoising=state)
+            uncached = generate(pipe, _fast(eager, cache_text_path=False), cond, neg, seed=2, denoising=state)
         assert np.array_equal(cached, uncached) and np.array_equal(cached, stock), steps

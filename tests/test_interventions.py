@@ -13,7 +13,7 @@ from krea_sweeps.errors import ConfigError
 from krea_sweeps.interventions import (Ablate, InterventionContext, Knockout, LeaveOneOut, Rebalance, Solo, Steer,
                                        TapScale, applied)
 from krea_sweeps.prompts import EncodeCache
-from krea_sweeps.sampler import DenoiseState
+from krea_sweeps.sampler import Denoising
 
 MSL = 32
 PROMPTS = ["a red fox in the snow", "two cups of coffee on a wooden table"]
@@ -29,9 +29,9 @@ def encode(model, prompts):
     return ENCODINGS.get(model, prompts, MSL)
 
 
-def context(model, state: DenoiseState | None = None, **kw) -> InterventionContext:
+def context(model, denoising: Denoising | None = None, **kw) -> InterventionContext:
     return InterventionContext(text_path=model.text_path, encode=lambda ps: encode(model, ps), num_steps=8,
-                               state=state or DenoiseState(), **kw)
+                               denoising=denoising or Denoising(), **kw)
 
 
 def fused(model, ctx=None, interventions=(), enc=None):
@@ -250,10 +250,11 @@ def test_projector_edits_compose_in_list_order(turbo, tmp_path):
     assert close(fused(turbo, interventions=[Solo(slot=6), lora]), with_weight(turbo, w * e6 + lora.diff), 1e-6)
     assert close(fused(turbo, interventions=[lora, Solo(slot=6)]), with_weight(turbo, (w + lora.diff) * e6), 1e-6)
     # gated out edits drop out of the chain: what is left is bit-identical to that edit alone
-    ctx = context(turbo, DenoiseState(branch="uncond"))
-    alone = fused(turbo, ctx, [Rebalance(gains=h.tolist(), apply_to="both")])
-    assert torch.equal(fused(turbo, ctx, [Rebalance(gains=g.tolist()), Rebalance(gains=h.tolist(), apply_to="both")]),
-                       alone)
+    ctx = context(turbo)
+    with ctx.denoising.at("uncond"):
+        alone = fused(turbo, ctx, [Rebalance(gains=h.tolist(), apply_to="both")])
+        assert torch.equal(fused(turbo, ctx, [Rebalance(gains=g.tolist()), Rebalance(gains=h.tolist(),
+                                                                                      apply_to="both")]), alone)
 
 
 def test_composed_rms_renorm_refers_to_the_stock_output(turbo):
@@ -408,16 +409,15 @@ def test_composed_knockouts_that_hide_every_key_give_zero_attention_on_any_kerne
 
 # ------------------------------------------------------------------------------------------------------------ gating
 def test_steps_and_branch_gating_read_the_state_at_call_time(turbo):
-    state = DenoiseState()
-    ctx = context(turbo, state)
+    ctx = context(turbo)
     stock = fused(turbo)
     solo = Solo(slot=6, steps=[1, 3])
     with torch.no_grad(), applied([solo], ctx):
         seen = {}
         for branch in ("cond", "uncond"):
             for step in range(4):
-                state.branch, state.step = branch, step
-                seen[branch, step] = torch.equal(fused(turbo, ctx), stock)
+                with ctx.denoising.at(branch, step):
+                    seen[branch, step] = torch.equal(fused(turbo, ctx), stock)
     assert seen == {("cond", 0): True, ("cond", 1): False, ("cond", 2): False, ("cond", 3): True,
                     ("uncond", 0): True, ("uncond", 1): True, ("uncond", 2): True, ("uncond", 3): True}
 
@@ -432,7 +432,7 @@ def record_text_fusion(model, pipe, sampler, cond, neg, intervention=None):
         lambda m, a, out: calls.append((ctx.state.branch, ctx.state.step, out.detach().clone())))
     try:
         with applied([intervention] if intervention else [], ctx):
-            image = generate(pipe, sampler, cond, neg, seed=0, state=ctx.state)
+            image = generate(pipe, sampler, cond, neg, seed=0, denoising=ctx.denoising)
     finally:
         handle.remove()
     return calls, image
@@ -457,6 +457,92 @@ def test_apply_to_cond_leaves_the_negative_branch_untouched(raw):
     assert_same_snapshot(snapshot(raw.transformer), before)
     again_calls, again_image = record_text_fusion(raw, pipe, sampler, cond, neg)
     assert np.array_equal(again_image, stock_image)  # removal restores the generation bit for bit
+
+
+class _Seen:
+    """An identity op at `taps` that records, per call of text_fusion, which DenoiseState it ran under (gated)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def states(self, x, call):
+        self.calls.append((call.state, call.state.branch, call.state.step))
+        return x
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_each_pipeline_call_has_its_own_state_even_nested_in_another(raw, fast):
+    """A second pipeline call made inside the first one's step callback (same transformer, same interventions) gets
+    a DenoiseState of its own: neither resets or advances the other's, an op gated to steps=[2,4) fires on exactly
+    steps 2 and 3 of each call in both branches, and the outer image is bit-identical to the one made without the
+    nested call."""
+    from dataclasses import dataclass
+    from dataclasses import replace as copy_with
+
+    from krea_sweeps.interventions import Intervention, Op
+    from krea_sweeps.sampler import Sampler, generate
+
+    class Seen(_Seen, Op):
+        name = "seen"
+
+    @dataclass
+    class Watch(Intervention):
+        site: str = "taps"
+
+        def make_op(self):
+            return seen
+
+    seen = Seen()
+    sampler = Sampler(steps=5, guidance=4.5, max_sequence_length=MSL).resolved(raw.variant)
+    sampler = copy_with(sampler, fast=fast)
+    outer_cond, inner_cond, neg = encode(raw, ["a lighthouse at dusk"]), encode(raw, ["a red fox"]), encode(raw, [""])
+    window = dict(apply_to="both", steps=[2, 4])
+    raw.pipeline()  # the DiT loaded: raw.text_path is now its own text_fusion / txt_in
+
+    def run(nested: bool):
+        ctx = InterventionContext(text_path=raw.text_path, num_steps=sampler.steps)
+        seen.calls.clear()
+        inner = {}
+        steps_seen = []
+
+        def on_step():
+            steps_seen.append(ctx.state.step)  # outside the transformer: the text path's own state
+            if nested and not inner:  # a second pipeline (its own scheduler) on the same transformer, mid-call
+                inner["image"] = generate(raw.pipeline(), sampler, inner_cond, neg, seed=1, denoising=ctx.denoising)
+
+        with applied([Solo(slot=6, **window), Watch(**window)], ctx):
+            image = generate(raw.pipeline(), sampler, outer_cond, neg, seed=0, denoising=ctx.denoising,
+                             on_step=on_step)
+        assert not ctx.denoising.calls and not ctx.denoising.running and steps_seen == [0] * 5
+        return image, list(seen.calls), inner.get("image")
+
+    alone, alone_calls, _ = run(nested=False)
+    image, calls, inner_image = run(nested=True)
+    states = list(dict.fromkeys(state for state, _, _ in calls))
+    assert len(states) == 2 and states[0] is not states[1]
+    per_call = [[(b, s) for state, b, s in calls if state is st] for st in states]
+    expected = [("cond", 2), ("uncond", 2), ("cond", 3), ("uncond", 3)]
+    assert per_call == [expected, expected]  # the nested call ran in the outer's step 1 → its window came first
+    assert [(b, s) for _, b, s in alone_calls] == expected
+    assert np.array_equal(image, alone)  # the outer call's gating was not disturbed by the nested one
+    again, _, _ = run(nested=False)
+    assert np.array_equal(again, alone)
+    ctx = InterventionContext(text_path=raw.text_path, num_steps=sampler.steps)
+    with applied([Solo(slot=6, **window)], ctx):
+        reference_inner = generate(raw.pipeline(), sampler, inner_cond, neg, seed=1, denoising=ctx.denoising)
+    assert np.array_equal(inner_image, reference_inner)  # nor the nested call's
+
+
+def test_generation_cannot_be_called_without_a_denoising_tracker(raw):
+    """No silent default: a pipeline call states which tracker its interventions read."""
+    from krea_sweeps.sampler import Sampler, generate, generate_many
+
+    sampler = Sampler(steps=1, max_sequence_length=MSL).resolved(raw.variant)
+    cond, neg = encode(raw, ["x"]), encode(raw, [""])
+    for call in (lambda: generate(raw.pipeline(), sampler, cond, neg, 0),
+                 lambda: generate_many(raw.pipeline(), sampler, cond, neg, [0])):
+        with pytest.raises(TypeError, match="denoising"):
+            call()
 
 
 # ------------------------------------------------------------------------------------------------------- bad input

@@ -131,16 +131,16 @@ def test_offload_modes_are_wired_to_diffusers_and_keep_the_image(mode, atol):
     `set_module_tensor_to_device`), so it is only exercised on a GPU."""
     from krea_sweeps.models import LoadedModel, ModelVariant, enable_offload
     from krea_sweeps.prompts import EncodeCache
-    from krea_sweeps.sampler import Sampler, generate
+    from krea_sweeps.sampler import Denoising, Sampler, generate
 
     model = LoadedModel(ModelVariant(name="turbo", base="turbo", is_distilled=True, steps=2, guidance=0.0))  # own parts: hooks stay
     sampler = Sampler(height=64, width=64, max_sequence_length=32).resolved(model.variant)
     cache = EncodeCache(None)
     enc, neg = cache.get(model, ["a red fox"], 32), cache.get(model, [""], 32)
     pipe = model.pipeline()
-    stock = generate(pipe, sampler, enc, neg, seed=0)
+    stock = generate(pipe, sampler, enc, neg, seed=0, denoising=Denoising())
     enable_offload(pipe, mode, torch.device("cpu"))
-    offloaded = generate(pipe, sampler, enc, neg, seed=0)
+    offloaded = generate(pipe, sampler, enc, neg, seed=0, denoising=Denoising())
     hooked = [m for m in pipe.transformer.modules() if hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook")]
     assert hooked and np.abs(offloaded - stock).max() <= atol
 

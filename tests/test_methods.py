@@ -9,7 +9,7 @@ import torch
 
 from krea_sweeps.interventions import InterventionContext, applied
 from krea_sweeps.prompts import EncodeCache, encode
-from krea_sweeps.sampler import DenoiseState, Sampler, generate_many
+from krea_sweeps.sampler import Denoising, Sampler, generate_many
 from krea_sweeps.synthetic import SELECT_LAYERS
 
 MSL = 32
@@ -25,7 +25,7 @@ def enc(model, prompts, layers=None):
 
 def context(model, prompts=PROMPTS, state=None) -> InterventionContext:
     return InterventionContext(text_path=model.text_path, encode=lambda ps: enc(model, ps), num_steps=8,
-                               state=state or DenoiseState(), prompts=[*prompts, ""],
+                               denoising=state or Denoising(), prompts=[*prompts, ""],
                                encode_layers=lambda ps, layers: enc(model, ps, layers))
 
 
@@ -41,7 +41,7 @@ def images(model, prompt, seeds=(0,), interventions=(), fast=True, **kw):
     cond, neg = enc(model, [prompt]), enc(model, [""])
     ctx = context(model, [prompt])
     with applied(list(interventions), ctx):
-        return generate_many(pipe, sampler, cond, neg, list(seeds), state=ctx.state)
+        return generate_many(pipe, sampler, cond, neg, list(seeds), denoising=ctx.denoising)
 
 
 # ------------------------------------------------------------------------------------------------------------ lens

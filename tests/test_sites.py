@@ -10,7 +10,7 @@ from krea_sweeps.errors import ConfigError
 from krea_sweeps.interventions import (SITES, Ablate, HookRegistry, InterventionContext, Knockout, Op, Site, Solo,
                                        Steer, applied, attach, fit_all, register_site)
 from krea_sweeps.prompts import EncodeCache
-from krea_sweeps.sampler import DenoiseState
+from krea_sweeps.sampler import Denoising
 
 MSL = 32
 PROMPTS = ["a red fox in the snow", "two cups of coffee on a wooden table"]
@@ -20,7 +20,7 @@ ENCODINGS = EncodeCache(None)
 
 def context(model, **kw) -> InterventionContext:
     return InterventionContext(text_path=model.text_path, encode=lambda ps: ENCODINGS.get(model, ps, MSL),
-                               state=DenoiseState(), **kw)
+                               denoising=Denoising(), **kw)
 
 
 def fused(model, ctx, scope):
@@ -104,15 +104,13 @@ def test_a_site_that_does_not_take_the_op_is_one_clear_line():
 
 
 def test_gates_are_read_from_the_generation_state(turbo):
-    state = DenoiseState()
     ctx = context(turbo)
-    ctx.state = state
     solo = Solo(slot=6, steps=[1, 3])
     assert solo.depends_on_step and not Solo(slot=6).depends_on_step
     stock = fused(turbo, ctx, torch.no_grad())
     for branch, step, edited in [("cond", 0, False), ("cond", 1, True), ("cond", 3, False), ("uncond", 1, False)]:
-        state.branch, state.step = branch, step
-        out = fused(turbo, ctx, applied([solo], ctx))
+        with ctx.denoising.at(branch, step):
+            out = fused(turbo, ctx, applied([solo], ctx))
         assert torch.equal(out, stock) != edited, (branch, step)
 
 

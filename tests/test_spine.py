@@ -64,7 +64,7 @@ def test_encode_cache_encodes_each_prompt_once_and_reloads_from_disk(turbo, tmp_
 # ------------------------------------------------------------------------------------------------ generation
 @pytest.mark.parametrize("variant", ["turbo", "raw", "toy_turbo", "toy_raw"])
 def test_generation_equals_krea2pipeline_with_prompt_bitwise(variant, request):
-    from krea_sweeps.sampler import Sampler, generate
+    from krea_sweeps.sampler import Denoising, Sampler, generate
 
     model = request.getfixturevalue(variant)
     pipe = model.pipeline()
@@ -72,7 +72,7 @@ def test_generation_equals_krea2pipeline_with_prompt_bitwise(variant, request):
     layers = tuple(model.variant.select_layers)
     cond = encode(model.tokenizer, model.text_encoder, ["a red fox"], 48, layers)
     neg = encode(model.tokenizer, model.text_encoder, [""], 48, layers)
-    ours = generate(pipe, sampler, cond, neg, seed=5)
+    ours = generate(pipe, sampler, cond, neg, seed=5, denoising=Denoising())
     ref = pipe("a red fox", height=64, width=64, num_inference_steps=3, guidance_scale=sampler.guidance,
                generator=torch.Generator().manual_seed(5), output_type="np", max_sequence_length=48).images[0]
     assert ours.shape == (64, 64, 3)
@@ -83,10 +83,10 @@ def test_denoise_state_tracks_branch_and_step_under_cfg(raw):
     """Branch and step come from what the pipeline passes: at every transformer call the state's step is the
     scheduler's index of the timestep being run, and the branch is the embeddings object's — with the positive and
     negative prompts given as one and the same tensor (identity, not content, tells them apart)."""
-    from krea_sweeps.sampler import DenoiseState, Sampler, generate
+    from krea_sweeps.sampler import Denoising, Sampler, generate
 
     pipe = raw.pipeline()
-    state = DenoiseState()
+    state = Denoising()
     seen = []
 
     def record(module, args):
@@ -96,13 +96,14 @@ def test_denoise_state_tracks_branch_and_step_under_cfg(raw):
     try:
         layers = tuple(raw.variant.select_layers)
         cond = encode(raw.tokenizer, raw.text_encoder, ["x"], 16, layers)
-        generate(pipe, Sampler(steps=3, max_sequence_length=16).resolved(raw.variant), cond, cond, seed=0, state=state)
+        generate(pipe, Sampler(steps=3, max_sequence_length=16).resolved(raw.variant), cond, cond, seed=0, denoising=state)
     finally:
         handle.remove()
     assert [(b, s) for b, s, _ in seen] == [("cond", 0), ("uncond", 0), ("cond", 1), ("uncond", 1), ("cond", 2),
                                             ("uncond", 2)]
     assert all(s == index for _, s, index in seen)
-    assert (state.branch, state.step, state.seeds) == ("cond", 0, [])  # unbound after the call
+    assert (state.branch, state.step, state.seeds) == ("cond", 0, [])  # no call running: the text path's own
+    assert not state.calls and not state.running
 
 
 def test_denoise_state_branch_is_the_embeddings_object_not_the_call_order(raw):
@@ -110,13 +111,13 @@ def test_denoise_state_branch_is_the_embeddings_object_not_the_call_order(raw):
     neither object the pipeline prepared (e.g. both halves batched, as a batched-CFG release would) raise."""
     import torch
 
-    from krea_sweeps.sampler import DenoiseState
+    from krea_sweeps.sampler import Denoising
 
     pipe = raw.pipeline()
     layers = tuple(raw.variant.select_layers)
     pos = encode(raw.tokenizer, raw.text_encoder, ["a red fox"], 16, layers)
     neg = encode(raw.tokenizer, raw.text_encoder, [""], 16, layers)
-    state = DenoiseState()
+    state = Denoising()
     seen = []
     handle = pipe.transformer.text_fusion.register_forward_pre_hook(lambda m, a: seen.append(state.branch))
     transformer = pipe.transformer
@@ -128,7 +129,7 @@ def test_denoise_state_branch_is_the_embeddings_object_not_the_call_order(raw):
                     encoder_attention_mask=mask, return_dict=False)
 
     try:
-        with torch.no_grad(), state.following(pipe, pos.taps, neg.taps, [0]) as (_, positive, negative):
+        with torch.no_grad(), state.following(pipe, pos.taps, neg.taps, [0]) as (_, _, positive, negative):
             n_embeds, n_mask = pipe.encode_prompt(None, prompt_embeds=negative, prompt_embeds_mask=neg.mask)
             p_embeds, p_mask = pipe.encode_prompt(None, prompt_embeds=positive, prompt_embeds_mask=pos.mask)
             call(n_embeds, n_mask)
@@ -362,7 +363,7 @@ def test_turbo_lora_conditioning_follows_its_strength_after_a_generation_job(raw
     from safetensors.torch import save_file
 
     from krea_sweeps.models import LoadedModel, ModelVariant
-    from krea_sweeps.sampler import Sampler, generate
+    from krea_sweeps.sampler import Denoising, Sampler, generate
 
     lora = tmp_path / "turbo_lora_with_text.safetensors"
     save_file(_lora_with_text_path_keys(raw), str(lora))
@@ -378,7 +379,8 @@ def test_turbo_lora_conditioning_follows_its_strength_after_a_generation_job(raw
     assert generating.lora_touches_text_path
     layers = tuple(raw.variant.select_layers)
     cond = encode(raw.tokenizer, raw.text_encoder, ["a red fox"], 16, layers)
-    generate(generating.pipeline(), Sampler(steps=1, max_sequence_length=16).resolved(generating.variant), cond, cond, 0)
+    generate(generating.pipeline(), Sampler(steps=1, max_sequence_length=16).resolved(generating.variant), cond, cond, 0,
+             denoising=Denoising())
     with torch.no_grad():
         half = turbo_lora(0.5).text_path(cond.taps, cond.mask)
         zero = turbo_lora(0.0).text_path(cond.taps, cond.mask)

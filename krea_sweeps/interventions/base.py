@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
 from ..errors import ConfigError, require
-from ..sampler import DenoiseState
+from ..sampler import Denoising, DenoiseState
 from .hooks import HookRegistry, Op, attach, check_accepts
 
 
@@ -27,9 +27,10 @@ class InterventionContext:
     text_path: Any = None
     encode: Callable[[list[str]], Any] | None = None
     num_steps: int | None = None
-    # Where generation is (branch, step): pass the same object to `generate(..., state=ctx.state)`, which binds it
-    # to each pipeline call. A fresh one reads cond / step 0, as conditioning-only runs should.
-    state: DenoiseState = field(default_factory=DenoiseState)
+    # The pipeline calls the attached hooks follow: pass the same object to `generate(..., denoising=ctx.denoising)`,
+    # which gives each pipeline call its own DenoiseState; `state` is the call the transformer runs for now (cond /
+    # step 0 when the text path runs on its own, as conditioning-only runs should).
+    denoising: Denoising = field(default_factory=Denoising)
     guidance: float | None = None
     text_dim: int | None = None
     # The projector's edit chain per module (the job's session's): edits attached through this context compose.
@@ -40,6 +41,11 @@ class InterventionContext:
     encode_layers: Callable[[list[str], tuple[int, ...]], Any] | None = None
     # The named hooks attached through this context (the job's session's: `Session.attached()` lists them).
     hooks: HookRegistry = field(default_factory=HookRegistry)
+
+    @property
+    def state(self) -> DenoiseState:
+        """The generation state gates read: the pipeline call the transformer is running for right now."""
+        return self.denoising.current
 
 
 @dataclass
@@ -213,7 +219,7 @@ def applied(interventions: list[Intervention], ctx: InterventionContext) -> Iter
     with ExitStack() as stack:
         for intervention in interventions:
             with keyed(intervention.config_key):
-                stack.enter_context(ctx.state.declaring(intervention.depends_on_step, intervention.apply_to))
+                stack.enter_context(ctx.denoising.declaring(intervention.depends_on_step, intervention.apply_to))
                 stack.enter_context(intervention.attach(ctx))
         yield
 

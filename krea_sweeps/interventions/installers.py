@@ -35,11 +35,11 @@ class _ProjectorChain:
     to the RMS of the stock output (stock weight, same input)."""
 
     def __init__(self, module: torch.nn.Module):
-        self.entries: list[tuple] = []  # (intervention, state, weight_fn, renorm)
+        self.entries: list[tuple] = []  # (intervention, context, weight_fn, renorm)
         self.handle = module.register_forward_hook(self)
 
     def __call__(self, module, args, output):
-        active = [e for e in self.entries if e[0].active(e[1])]
+        active = [e for e in self.entries if e[0].active(e[1].state)]  # the call running now
         if not active:
             return None
         weight = module.weight
@@ -60,7 +60,7 @@ def projector_hook(intervention: Intervention, ctx: InterventionContext, weight_
     chain = chains.get(module)
     if chain is None:
         chain = chains[module] = _ProjectorChain(module)
-    entry = (intervention, ctx.state, weight_fn, renorm)
+    entry = (intervention, ctx, weight_fn, renorm)
     chain.entries.append(entry)
     try:
         yield

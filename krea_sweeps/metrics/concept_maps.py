@@ -176,7 +176,7 @@ class ConceptMaps(Metric):
 
         def after_block(index):
             def hook(module, args, output):
-                if ctx.denoise.branch != "cond":
+                if ctx.denoise.current.branch != "cond":
                     return None
                 temb = args[1]
                 with torch.no_grad():

@@ -149,26 +149,27 @@ def swapped_processors(modules: list, make) -> Iterator[None]:
 
 class MapSink:
     """Accumulates per-seed sums of the recorded maps for one prompt's generation (cond branch, chosen steps); the
-    job's `DenoiseState` says the branch, the step and which seeds the current pipeline call holds."""
+    job's `Denoising` says the branch, the step and which seeds the pipeline call running now holds (its `current`)."""
 
-    def __init__(self, state, blocks: list[int] | None, steps: list[int] | None, image_tokens: int, num_steps: int,
+    def __init__(self, denoising, blocks: list[int] | None, steps: list[int] | None, image_tokens: int, num_steps: int,
                  seeds: list[int], chunk: int):
-        self.state, self.blocks, self.steps = state, blocks, steps
+        self.denoising, self.blocks, self.steps = denoising, blocks, steps
         self.image_tokens, self.num_steps, self.seeds, self.chunk = image_tokens, num_steps, seeds, chunk
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
 
     def wants(self, block: int) -> bool:
-        if self.state.branch != "cond":
+        state = self.denoising.current
+        if state.branch != "cond":
             return False
         if self.blocks is not None and block not in self.blocks:
             return False
-        return self.steps is None or self.state.step in self.steps
+        return self.steps is None or state.step in self.steps
 
     def add(self, maps: torch.Tensor) -> None:
-        seeds = self.state.seeds  # the pipeline call's images, in batch order
+        seeds = self.denoising.current.seeds  # the pipeline call's images, in batch order
         require(len(seeds) == maps.shape[0], "sampler", f"recorded maps for {maps.shape[0]} images in a pipeline "
-                f"call of {len(seeds)} seeds", "report this: generate with state=ctx.denoise")
+                f"call of {len(seeds)} seeds", "report this: generate with denoising=ctx.denoise")
         for b, seed in enumerate(seeds):
             self.sums[seed] = self.sums.get(seed, 0) + maps[b].double().cpu()
             self.counts[seed] = self.counts.get(seed, 0) + 1

@@ -123,7 +123,7 @@ def generate(model, sampler, prompts: list[str], seeds: list[int], interventions
                               guidance=sampler.guidance)
     scope = applied(interventions, ctx) if interventions else nullcontext()
     with scope:
-        return np.stack([np.stack(generate_many(pipe, sampler, encoded.index(i), negative, seeds, state=ctx.state))
+        return np.stack([np.stack(generate_many(pipe, sampler, encoded.index(i), negative, seeds, denoising=ctx.denoising))
                          for i in range(len(prompts))])
 
 
