@@ -17,13 +17,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .build import instantiate  # noqa: F401 - planning builds every part through it (named here for callers)
-from .errors import ConfigError, require
+from .errors import ConfigError, did_you_mean, require
 
 # Overrides that do not change a job's result: they never enter its directory name.
 NON_RESULT_KEYS = ("name", "force", "fail_fast", "experiment", "hparams_search", "objective", "headline", "report",
                    "figures", "torch_threads")
 NON_RESULT_PREFIXES = ("wandb.", "hydra.", "hydra/", "model.device", "model.offload", "model.memory_budget_gb", "sweep.")
 BATCH_GRID_KEY = "sweep.batch_grid"
+FIGURES = ("auto", "true", "false")  # the values of `figures`
 
 
 MAX_READABLE = 160  # characters of a job folder's readable part (a file name holds 255 bytes)
@@ -215,9 +216,6 @@ def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
     from .interventions import InterventionContext, validate_all
     from .metrics import needs_of
 
-    for flag in ("force", "fail_fast", "conditioning_only"):  # Hydra hands `force=maybe` over as a string
-        require(isinstance(cfg.get(flag, False), bool), flag, f"{cfg.get(flag)!r} is not true or false",
-                f"use {flag}=true or {flag}=false")
     variant = instantiate(cfg.model, "model")
     sampler = instantiate(cfg.sampler, "sampler").resolved(variant)
     prompt_set = instantiate(cfg.prompts, "prompts")
@@ -259,7 +257,9 @@ def figures_wanted(setting, job: Job) -> bool:
     `collect` draws the same maps from the saved arrays across the whole sweep — on everywhere else."""
     if setting is None or str(setting) == "auto":
         return not (job.multirun and not job.generates)
-    require(isinstance(setting, bool), "figures", f"{setting!r} is not true, false or auto", "set figures=auto")
+    # Typed `bool | str` (configs.RunFields: OmegaConf has no bool-or-choice type), so the word is checked here.
+    require(isinstance(setting, bool), "figures", f"unknown value {setting!r}",
+            f"{did_you_mean(setting, FIGURES)}use one of: {', '.join(FIGURES)}")
     return setting
 
 

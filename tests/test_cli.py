@@ -43,6 +43,7 @@ def test_one_line_prefers_the_help_marker_then_the_first_sentence(tmp_path):
     (["wandb.mode=ofline"], "wandb.mode", "'offline'"),  # a typed group's choice: caught by composition
     (["model.dtype=float3"], "model.dtype", "'float32'"),
     (["model=turbo_lora", "model.base=turb"], "model.base", "'turbo'"),
+    (["intervention=solo", "intervention.site=projectr"], "intervention.site", "'projector'"),  # typed: composition
 ])
 def test_misspelt_options_and_keys_get_did_you_mean_before_hydra_composes(argv, key, suggestion):
     from krea_sweeps.errors import ConfigError
@@ -57,7 +58,6 @@ def test_misspelt_options_and_keys_get_did_you_mean_before_hydra_composes(argv, 
 
 @pytest.mark.parametrize("overrides,key,suggestion", [
     (["intervention=solo", "intervention.slot=3", "+intervention.slott=3"], "intervention.slott", "'slot'"),
-    (["intervention=solo", "intervention.slot=3", "intervention.site=projectr"], "intervention.site", "'projector'"),
 ])
 def test_misspelt_fields_and_values_get_did_you_mean_at_planning(overrides, key, suggestion):
     from krea_sweeps.errors import ConfigError

@@ -594,15 +594,18 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path):
         assert "\n" not in str(info.value)
 
 
-def test_bad_input_fails_at_plan_time(tmp_path):
+def test_bad_input_fails_before_any_load(tmp_path):
+    """A choice fails at composition (typed configs), a range at planning: both one line naming the key."""
     from conftest import compose
 
     from krea_sweeps.plan import effective_interventions
+    from krea_sweeps.sweeps import check_keys_compose
 
     for overrides, key in [(["intervention=solo", "intervention.slot=12"], "intervention.slot"),
                            (["intervention=rebalance", "intervention.preset=loud"], "intervention.preset"),
                            (["intervention=knockout", "intervention.keys=[L19]"], "intervention.keys")]:
         with pytest.raises(ConfigError) as info:
+            check_keys_compose(overrides)
             effective_interventions(compose(overrides))
         assert info.value.key.startswith(key)
 

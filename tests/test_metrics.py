@@ -445,6 +445,7 @@ def test_every_metric_declares_exactly_the_keys_it_reports(job_ctx):
 # ------------------------------------------------------------------------------------ bad input
 def test_bad_metric_input_fails_before_model_load(turbo, tmp_path, monkeypatch, caplog):
     from krea_sweeps.plan import plan
+    from krea_sweeps.sweeps import check_keys_compose
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as e:
@@ -459,9 +460,9 @@ def test_bad_metric_input_fails_before_model_load(turbo, tmp_path, monkeypatch, 
     with pytest.raises(ConfigError) as e:
         plan(compose(["metrics=[clip_score]", f"metrics.clip_score.path={turbo.sources.text_encoder}"]))
     assert e.value.key == "metrics.clip_score.path" and "not a CLIP model" in e.value.problem
-    with pytest.raises(ConfigError) as e:
-        plan(compose(["metrics=[projector]", "metrics.projector.reference=sdxl"]))
-    assert e.value.key == "metrics.projector.reference"
+    with pytest.raises(ConfigError) as e:  # a choice: typed, so composition refuses it
+        check_keys_compose(["metrics=[projector]", "metrics.projector.reference=sdxl"])
+    assert e.value.key == "metrics.projector.reference" and "use one of: raw, turbo" in str(e.value)
     assert plan(compose(["metrics=[diversity]", "seeds=[0,1]"])).generates
     caplog.set_level("WARNING")
     assert ClipScore(path=None).compute(None).summary == {}

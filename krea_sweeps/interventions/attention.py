@@ -13,10 +13,11 @@ knockouts that together hide every key (e.g. keys 0–5 and 6–11) are defined 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from ..configs import KnockoutFields
 from ..errors import require
 from .base import Intervention
 from .hooks import Op
@@ -37,15 +38,11 @@ class KeyMask(Op):
 
 
 @dataclass
-class Knockout(Intervention):
+class Knockout(KnockoutFields, Intervention):
     """No query (or only `queries`) in the chosen layerwise `blocks` may attend to the `keys` (slots: `6` or `L20`).
 
     `keys: []` is the identity and installs nothing (an all-True mask would switch the attention kernel's code path).
     """
-
-    keys: list[Any] | None = None
-    queries: list[Any] | None = None
-    blocks: list[int] | None = None
 
     kind: ClassVar[str] = "knockout"
 

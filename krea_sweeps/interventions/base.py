@@ -12,6 +12,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
+from ..configs import InterventionFields, check_instance
 from ..errors import ConfigError, require
 from ..sampler import Denoising, DenoiseState
 from .hooks import HookRegistry, Op, attach, check_accepts
@@ -49,14 +50,11 @@ class InterventionContext:
 
 
 @dataclass
-class Intervention:
+class Intervention(InterventionFields):
     """Base: (site, op, gates). The gates are CFG branch (`apply_to`) and denoising-step window (`steps` =
-    [start, end)); a subclass says where it acts (`placement`: a site of `sites.SITES`, and the layerwise blocks for
+    [start, end)), declared with every intervention's fields in `configs.py`; a subclass says where it acts (`placement`: a site of `sites.SITES`, and the layerwise blocks for
     per-block sites) and what it does there (`make_op`: an `Op` built from its fields), and, when it learns from
     reference prompts, `learn(ctx)`. Subclasses that need more than one hook may still override `attach`."""
-
-    apply_to: str = "cond"
-    steps: list[int] | None = None
 
     kind: ClassVar[str] = "base"
     # The config key this object came from (`intervention`, or `interventions[i]` for list entries): errors are
@@ -64,10 +62,8 @@ class Intervention:
     config_key: ClassVar[str] = "intervention"
 
     def __post_init__(self):
-        require(self.apply_to in ("cond", "uncond", "both"), "intervention.apply_to",
-                f"unknown branch {self.apply_to!r}", "use cond, uncond or both")
+        check_instance(self, "intervention")  # types and choices, as composition checks them (configs.py)
         if self.steps is not None:
-            self.steps = [int(s) for s in self.steps]
             require(len(self.steps) == 2 and 0 <= self.steps[0] < self.steps[1], "intervention.steps",
                     f"{self.steps} is not a window [start, end)", "give [start, end) with 0 <= start < end")
 

@@ -10,10 +10,11 @@ state is encoded once per (prompt, layer) and cached like the taps (`EncodeCache
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from ..configs import LensFields
 from ..errors import require
 from .base import Intervention, InterventionContext
 from .hooks import Op
@@ -53,17 +54,14 @@ class LensOp(Op):
 
 
 @dataclass
-class Lens(Intervention):
+class Lens(LensFields, Intervention):
     """Encoder hidden state `layer` (0–36) into all 12 taps, or only into tap `tap` (index 0–11 or `L20`)."""
-
-    layer: int | None = None
-    tap: Any = None
 
     kind: ClassVar[str] = "lens"
 
     def __post_init__(self):
         super().__post_init__()
-        require(isinstance(self.layer, int) and not isinstance(self.layer, bool) and 0 <= self.layer <= ENCODER_LAYERS,
+        require(self.layer is not None and 0 <= self.layer <= ENCODER_LAYERS,
                 "intervention.layer", f"{self.layer!r} is not an encoder hidden state",
                 f"give intervention.layer=0..{ENCODER_LAYERS} (0 = embeddings; Krea 2 taps 2, 5, …, 35)")
         self.tap = None if self.tap is None else slot_index(self.tap, "intervention.tap")

@@ -19,19 +19,19 @@ the bit-exact activation of A's own run: patching every position reproduces A an
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from ..configs import PatchFields
 from ..errors import require
 from .base import Intervention, InterventionContext
 from .hooks import Op, capture
-from .sites import NUM_LAYERWISE_BLOCKS, NUM_SLOTS, PromptRows, choice, layer_of, slot_indices, valid_columns
+from .sites import NUM_LAYERWISE_BLOCKS, NUM_SLOTS, PromptRows, layer_of, slot_indices, valid_columns
 
 log = logging.getLogger(__name__)
 
-PATCH_SITES = ("taps", "slots", "block", "fused")
 
 
 def token_alignment(content_b: int, valid_b: int, content_a: int, valid_a: int) -> list[tuple[int, int]]:
@@ -89,33 +89,22 @@ class PatchOp(Op):
 
 
 @dataclass
-class Patch(Intervention):
+class Patch(PatchFields, Intervention):
     """Run each corrupted prompt B with `site`'s activation (at `slots` × `tokens`) taken from its clean prompt A."""
-
-    pairs: list[list[str]] = field(default_factory=list)
-    site: str = "slots"
-    slots: Any = None
-    tokens: list[int] | None = None
-    block: int = 0
 
     kind: ClassVar[str] = "patch"
 
     def __post_init__(self):
         super().__post_init__()
-        require(isinstance(self.pairs, (list, tuple)) and len(self.pairs) > 0 and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(s, str) and s.strip() for s in p)
-            for p in self.pairs), "intervention.pairs", f"{self.pairs!r} is not a list of [clean, corrupted] prompts",
-            "give e.g. 'intervention.pairs=[[a smiling woman,a serious woman]]'")
-        self.pairs = [[str(a), str(b)] for a, b in self.pairs]
-        choice(self.site, PATCH_SITES, "intervention.site")
+        require(len(self.pairs) > 0 and all(len(p) == 2 and all(s.strip() for s in p) for p in self.pairs),
+                "intervention.pairs", f"{self.pairs!r} is not a list of [clean, corrupted] prompts",
+                "give e.g. 'intervention.pairs=[[a smiling woman,a serious woman]]'")
         self.slots = list(range(NUM_SLOTS)) if self.slots is None else slot_indices(self.slots, "intervention.slots")
         if self.tokens is not None:
-            require(isinstance(self.tokens, (list, tuple)) and len(self.tokens) == 2
-                    and all(isinstance(t, int) for t in self.tokens) and 0 <= self.tokens[0] < self.tokens[1],
+            require(len(self.tokens) == 2 and 0 <= self.tokens[0] < self.tokens[1],
                     "intervention.tokens", f"{self.tokens!r} is not a span [start, end)",
                     "give user-text token positions [start, end), e.g. [4, 5], or null for every token")
-            self.tokens = [int(t) for t in self.tokens]
-        require(isinstance(self.block, int) and 0 <= self.block < NUM_LAYERWISE_BLOCKS, "intervention.block",
+        require(0 <= self.block < NUM_LAYERWISE_BLOCKS, "intervention.block",
                 f"{self.block!r} is not a layerwise block", f"give 0–{NUM_LAYERWISE_BLOCKS - 1}")
         self._clean: list[dict] = []
         self._rows: PromptRows | None = None

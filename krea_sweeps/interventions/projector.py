@@ -19,16 +19,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from ..configs import LayerGainsFields, LeaveOneOutFields, LoraFileFields, RebalanceFields, SoloFields
 from ..errors import ConfigError, require
 from .attention import key_mask
 from .base import Intervention
 from .hooks import Op
 from .installers import projector_hook, rms_like  # noqa: F401 - the projector site's installer
-from .sites import NUM_SLOTS, choice, finite, gains_vector, resolve_slot
+from .sites import NUM_SLOTS, finite, gains_vector, resolve_slot
 
 DIFF_KEY = "diffusion_model.txtfusion.projector.diff"  # ComfyUI's `.diff` patch: weight += strength · diff
 PRESETS = {
@@ -67,19 +68,13 @@ class Gains(Op):
 
 
 @dataclass
-class LayerGains(Intervention):
+class LayerGains(LayerGainsFields, Intervention):
     """Base for gain-vector interventions: subclasses define `gain_vector()`; the op is `Gains` with multipliers
-    1 + s(g − 1), at `site`."""
-
-    site: str = "projector"
-    strength: float = 1.0
-
-    SITES: ClassVar[tuple[str, ...]] = ("projector", "slots", "taps", "fusion_attention")
+    1 + s(g − 1), at `site` (its choices are the field's type, `configs.GainSite`)."""
 
     def __post_init__(self):
         super().__post_init__()
         finite(self.strength, "intervention.strength")
-        self.strength = float(self.strength)
 
     def gain_vector(self) -> list[float]:
         raise NotImplementedError
@@ -90,11 +85,6 @@ class LayerGains(Intervention):
     @property
     def rms_renorm(self) -> bool:
         return False
-
-    def check_site(self) -> None:
-        """Only the sites this kind is documented for (`SITES`), then the op's own acceptance (0/1 at attention)."""
-        choice(self.site, self.SITES, "intervention.site")
-        super().check_site()
 
     def make_op(self) -> Op:
         return Gains(self.multipliers(), renorm=self.rms_renorm)
@@ -109,12 +99,8 @@ class LayerGains(Intervention):
 
 
 @dataclass
-class Solo(LayerGains):
+class Solo(SoloFields, LayerGains):
     """The model card's probe: keep slot k (`slot: 6` or `layer: 20`), zero the other 11. g = solo_gain · e_k."""
-
-    slot: Any = None
-    layer: int | None = None
-    solo_gain: float = 1.0
 
     kind: ClassVar[str] = "solo"
 
@@ -122,7 +108,6 @@ class Solo(LayerGains):
         super().__post_init__()
         self.slot, self.layer = resolve_slot(self.slot, self.layer, "intervention")
         finite(self.solo_gain, "intervention.solo_gain")
-        self.solo_gain = float(self.solo_gain)
         self.check_site()
 
     def gain_vector(self) -> list[float]:
@@ -130,11 +115,8 @@ class Solo(LayerGains):
 
 
 @dataclass
-class LeaveOneOut(LayerGains):
+class LeaveOneOut(LeaveOneOutFields, LayerGains):
     """Drop slot k, keep the other 11: g = 1 − e_k."""
-
-    slot: Any = None
-    layer: int | None = None
 
     kind: ClassVar[str] = "leave_one_out"
 
@@ -148,21 +130,14 @@ class LeaveOneOut(LayerGains):
 
 
 @dataclass
-class Rebalance(LayerGains):
+class Rebalance(RebalanceFields, LayerGains):
     """A 12-gain vector (or a `preset`: uniform, deep_boost) at a strength; `renorm: rms` rescales each fused token
     (projector output) to its stock RMS. Explicit `gains` replace the preset (recorded as preset=null)."""
 
-    preset: str | None = "deep_boost"
-    gains: list[float] | None = None
-    renorm: str = "none"
-
-    SITES: ClassVar[tuple[str, ...]] = ("projector", "slots", "taps")
     kind: ClassVar[str] = "rebalance"
 
     def __post_init__(self):
         super().__post_init__()
-        choice(self.site, self.SITES, "intervention.site")
-        self.renorm = choice(self.renorm, ("none", "rms"), "intervention.renorm")
         require(self.renorm == "none" or self.site == "projector", "intervention.renorm",
                 f"renorm=rms rescales the projector output, but site={self.site}", "use site=projector with renorm=rms")
         if self.gains is not None:
@@ -171,7 +146,6 @@ class Rebalance(LayerGains):
         else:
             require(self.preset is not None, "intervention.preset", "neither gains nor a preset given",
                     f"set intervention.preset ({', '.join(PRESETS)}) or intervention.gains=[12 numbers]")
-            choice(self.preset, PRESETS, "intervention.preset")
             self.gains = [float(g) for g in PRESETS[self.preset]]
         self.check_site()
 
@@ -245,11 +219,8 @@ class AddDiff(Op):
 
 
 @dataclass
-class LoraFile(Intervention):
+class LoraFile(LoraFileFields, Intervention):
     """A projector `.diff` file (the seed's format) at a strength: w' = w + s·diff, as ComfyUI's loader applies it."""
-
-    path: str | None = None
-    strength: float = 1.0
 
     kind: ClassVar[str] = "lora_file"
 
@@ -258,7 +229,6 @@ class LoraFile(Intervention):
         require(self.path is not None, "intervention.path", "no file given",
                 "set intervention.path=/path/to/projector_solo_b06_L20.safetensors")
         finite(self.strength, "intervention.strength")
-        self.strength = float(self.strength)
         self.diff, metadata = read_diff_file(self.path)
         self.file_gains = parse_gains(metadata.get("gains"))
         self.file_meta = {k: metadata[k] for k in ("kind", "preset") if k in metadata}

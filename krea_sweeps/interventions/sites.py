@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from ..errors import ConfigError, require, require_choice
+from ..errors import ConfigError, require
 from ..synthetic import SELECT_LAYERS
 
 NUM_SLOTS = len(SELECT_LAYERS)
@@ -103,11 +103,6 @@ def finite(values: Any, key: str) -> None:
     for v in values if isinstance(values, (list, tuple)) else [values]:
         require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), key,
                 f"{v!r} is not a finite number", "give finite numbers (no NaN or inf)")
-
-
-def choice(value: Any, options: Iterable[str], key: str) -> str:
-    require_choice(value, tuple(options), key)
-    return value
 
 
 def block_indices(values: Any, key: str) -> list[int]:

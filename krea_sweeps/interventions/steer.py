@@ -23,12 +23,11 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ..configs import SteerFields
 from ..errors import ConfigError, require
 from .base import Intervention, InterventionContext
 from .hooks import Op, capture
-from .sites import NUM_SLOTS, SITES, choice, finite, pool_tokens
-
-MODES = ("amplify", "add", "subtract", "project_out", "clamp")
+from .sites import NUM_SLOTS, SITES, finite, pool_tokens
 
 
 def load_direction(path: str, key: str = "intervention.direction_file") -> torch.Tensor:
@@ -98,40 +97,28 @@ class SteerOp(Op):
 
 
 @dataclass
-class Steer(Intervention):
+class Steer(SteerFields, Intervention):
     """Move each token's conditioning along a direction (see the module docstring for the modes)."""
-
-    site: str = "taps"
-    mode: str = "amplify"
-    strength: float = 1.0
-    value: float = 0.0
-    pairs: list[list[str]] | None = None
-    direction_file: str | None = None
-    normalize: str = "whole"
 
     kind: ClassVar[str] = "steer"
 
     def __post_init__(self):
         super().__post_init__()
         self.check_site()
-        choice(self.mode, MODES, "intervention.mode")
-        choice(self.normalize, ("whole", "per_tap"), "intervention.normalize")
         require(self.normalize == "whole" or self.has_slots, "intervention.normalize",
                 f"{self.site} has no taps", f"use normalize=whole at site={self.site}")
-        finite([self.strength, self.value], "intervention.strength/value")
-        self.strength, self.value = float(self.strength), float(self.value)
+        finite(self.strength, "intervention.strength")
+        finite(self.value, "intervention.value")
         if self.direction_file is not None:  # a file replaces the (default) pairs
             self.pairs = None
         require(self.pairs is not None or self.direction_file is not None, "intervention.pairs",
                 "no direction given", "set intervention.pairs=[[A,B],...] or intervention.direction_file=d.npy")
         self._direction: torch.Tensor | None = None
         if self.pairs is not None:
-            ok = len(self.pairs) > 0 and all(not isinstance(p, str) and len(p) == 2 for p in self.pairs)
+            ok = len(self.pairs) > 0 and all(len(p) == 2 for p in self.pairs)
             require(ok, "intervention.pairs", f"{self.pairs!r} is not a list of [A, B] prompt pairs",
                     "give e.g. pairs=[[a smiling face, a neutral face], ...]")
-            self.pairs = [[str(a), str(b)] for a, b in self.pairs]
         else:
-            self.direction_file = str(self.direction_file)
             self._direction = self._checked(load_direction(self.direction_file), "intervention.direction_file")
 
     def _checked(self, d: torch.Tensor, key: str) -> torch.Tensor:

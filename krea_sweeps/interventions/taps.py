@@ -8,25 +8,18 @@ states) are computed by the explicit fit step (`Intervention.fit`), through the 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from ..configs import AblateFields, TapScaleFields
 from ..errors import require
 from ..prompts import content_mask
 from .base import Intervention, InterventionContext
 from .hooks import Op, capture
 from .projector import Gains
-from .sites import NUM_SLOTS, choice, finite, gains_vector, layer_of, slot_indices
-
-DEFAULT_REFERENCE_PROMPTS = [
-    "a photograph of a room",
-    "a portrait of a person outdoors",
-    "a painting of a landscape",
-    "a close-up of an object on a table",
-]
-
+from .sites import NUM_SLOTS, finite, gains_vector, layer_of, slot_indices
 
 def _rank_seed(seed: int, rank: int) -> int:
     """A 63-bit generator seed for (ablate seed, token rank), stable across processes and platforms."""
@@ -35,14 +28,10 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 
 @dataclass
-class TapScale(Intervention):
+class TapScale(TapScaleFields, Intervention):
     """Per-tap gains × `multiplier` on the encoder states entering text_fusion — the per-layer conditioning scaling
     ComfyUI users apply. `renorm: rms` rescales each token's 12-tap stack back to its stock RMS, so only the balance
     between taps changes (a per-tap RMS restore would undo any positive gain)."""
-
-    gains: list[float] | None = None
-    multiplier: float = 1.0
-    renorm: str = "none"
 
     kind: ClassVar[str] = "tap_scale"
 
@@ -50,8 +39,6 @@ class TapScale(Intervention):
         super().__post_init__()
         self.gains = [1.0] * NUM_SLOTS if self.gains is None else gains_vector(list(self.gains), "intervention.gains")
         finite(self.multiplier, "intervention.multiplier")
-        self.multiplier = float(self.multiplier)
-        self.renorm = choice(self.renorm, ("none", "rms"), "intervention.renorm")
 
     def factors(self) -> list[float]:
         return [g * self.multiplier for g in self.gains]
@@ -143,31 +130,20 @@ class Replace(Op):
 
 
 @dataclass
-class Ablate(Intervention):
+class Ablate(AblateFields, Intervention):
     """Replace the `targets` (slots `3` or layers `L20`) at `site` (taps | slots) with zero, the mean over the
     valid tokens of `reference_prompts`, the states of `source_prompt` (resample) or norm-matched noise (`Replace`).
     The mean and the source's states are learned by `fit`."""
 
-    site: str = "taps"
-    mode: str = "zero"
-    targets: list[Any] = field(default_factory=list)
-    reference_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_REFERENCE_PROMPTS))
-    source_prompt: str = "a plain grey background"
-    seed: int = 0
-
     kind: ClassVar[str] = "ablate"
-    MODES: ClassVar[tuple[str, ...]] = ("zero", "mean", "resample", "noise")
 
     def __post_init__(self):
         super().__post_init__()
         self.check_site()
-        choice(self.mode, self.MODES, "intervention.mode")
         self.targets = slot_indices(self.targets, "intervention.targets")
         if self.mode == "mean":
-            require(len(self.reference_prompts or []) > 0, "intervention.reference_prompts", "no reference prompts",
+            require(len(self.reference_prompts) > 0, "intervention.reference_prompts", "no reference prompts",
                     "give prompts whose mean state replaces the targets")
-            self.reference_prompts = [str(p) for p in self.reference_prompts]
-        require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "intervention.seed", f"{self.seed!r} is not an integer", "give an int")
 
     @property
     def is_identity(self) -> bool:

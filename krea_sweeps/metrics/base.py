@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from ..configs import check_instance
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,8 +37,14 @@ class MetricOutput:
 
 @dataclass
 class Metric:
+    """Base: a metric's settings are the fields of its dataclass in `configs.py` (the runtime class subclasses it), so
+    they are declared once and typed alike from the command line and from Python."""
+
     name: ClassVar[str] = "metric"
     needs: ClassVar[frozenset] = frozenset()
+
+    def __post_init__(self):
+        check_instance(self, f"metrics.{self.name}")  # types and choices, as composition checks them
 
     def validate(self, job: Job) -> None:
         """Checks against the planned job (e.g. a baseline-able config); raise ConfigError. Runs before model load.

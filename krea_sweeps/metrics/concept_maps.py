@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Iterator, TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..configs import ConceptMapsFields
 from ..errors import require
 from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
 from .base import Metric, MetricOutput
@@ -114,13 +115,8 @@ def saliency(image_out: torch.Tensor, concept_out: torch.Tensor) -> torch.Tensor
 
 
 @dataclass
-class ConceptMaps(Metric):
+class ConceptMaps(ConceptMapsFields, Metric):
     """Where each named concept is in the image, from the DiT's attention output space (module docstring)."""
-
-    concepts: list[str] = field(default_factory=lambda: ["woman", "flowers", "sky", "background"])
-    blocks: list[int] | None = None
-    steps: list[int] | None = None
-    upsample: bool = True
 
     name: ClassVar[str] = "concept_maps"
     needs: ClassVar[frozenset] = frozenset({"images"})
@@ -128,11 +124,10 @@ class ConceptMaps(Metric):
     SUMMARY: ClassVar[tuple] = ("entropy", "area")
 
     def __post_init__(self):
-        require(isinstance(self.concepts, (list, tuple)) and len(self.concepts) >= 2
-                and all(isinstance(c, str) and c.strip() for c in self.concepts), "metrics.concept_maps.concepts",
+        super().__post_init__()
+        require(len(self.concepts) >= 2 and all(c.strip() for c in self.concepts), "metrics.concept_maps.concepts",
                 f"{self.concepts!r} is not a list of at least two concepts",
                 "give e.g. 'metrics.concept_maps.concepts=[woman,lilies,sky]' (the softmax is over concepts)")
-        self.concepts = [str(c) for c in self.concepts]
         check_index_lists(self, "concept_maps")
 
     def summary_keys(self, job) -> list[str]:

@@ -17,7 +17,8 @@ from typing import ClassVar, TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import require, require_choice
+from ..configs import FusionAttentionFields, ProjectorWeightsFields, RefinerAttentionFields
+from ..errors import require
 from .attention import average_layer_stats, layer_attention_stats, token_attention_stats
 from .base import BLOCK_INDEX, Metric, MetricOutput
 from .trace import text_trace
@@ -95,14 +96,11 @@ def read_projector(source: str) -> np.ndarray:
 
 
 @dataclass
-class ProjectorWeights(Metric):
+class ProjectorWeights(ProjectorWeightsFields, Metric):
     """The 12 projector weights: stock, effective under the job's interventions, and vs a reference variant."""
 
     name: ClassVar[str] = "projector"
     needs: ClassVar[frozenset] = CONDITIONING
-
-    reference: str | None = None  # the DiT weights (raw | turbo) whose stock projector to compare with
-    reference_path: str | None = None  # its checkpoint when the job runs a real model (synthetic: derived)
 
     PER_LAYER: ClassVar[tuple] = ("stock", "effective", "sign", "effective_sign")
     SCALARS: ClassVar[tuple] = ("n_positive", "n_negative", "sum", "l1", "effective_cos_vs_stock",
@@ -123,9 +121,6 @@ class ProjectorWeights(Metric):
             require(self.reference_path is None, "metrics.projector.reference", "reference_path given without a "
                     "reference variant", "set metrics.projector.reference=raw (or turbo) too")
             return
-        from ..configs import Base
-
-        require_choice(self.reference, [b.value for b in Base], "metrics.projector.reference", "DiT weights")
         if self.reference_path is None:
             require(job.variant.synthetic, "metrics.projector.reference_path", "the job runs a real checkpoint, "
                     "so the reference variant needs one too", "set metrics.projector.reference_path=/path/to/"
@@ -203,14 +198,12 @@ def _snap(w: np.ndarray, tol: float = 1e-6) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- fusion attention
 @dataclass
-class FusionAttention(Metric):
+class FusionAttention(FusionAttentionFields, Metric):
     """Exact cross-layer attention of each layerwise block over content tokens: the L20 hub measurement."""
 
     name: ClassVar[str] = "fusion_attention"
     needs: ClassVar[frozenset] = CONDITIONING
     trace_parts: ClassVar[frozenset] = frozenset({"fusion_attention"})
-
-    save_probs: bool = True  # the full [content tokens, heads, 12, 12] per block, all prompts concatenated
 
     PER_LAYER: ClassVar[tuple] = ("strength", "top_key_share")  # per block
     BLOCK_STATS: ClassVar[tuple] = ("hub_layer", "hub_strength", "hub_ratio", "hub_top_key_share", "entropy",
@@ -272,14 +265,12 @@ def _layer(ctx, slot: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- refiner attention
 @dataclass
-class RefinerAttention(Metric):
+class RefinerAttention(RefinerAttentionFields, Metric):
     """The refiner blocks' token-to-token attention: local or diffuse, and is there a sink token?"""
 
     name: ClassVar[str] = "refiner_attention"
     needs: ClassVar[frozenset] = CONDITIONING
     trace_parts: ClassVar[frozenset] = frozenset({"refiner_attention"})
-
-    window: int = 8  # ± valid-token ranks counted as "local"
 
     TOKEN_STATS: ClassVar[tuple] = ("local_share", "local_share_uniform", "received_entropy_norm",
                                     "top_received_x_uniform")  # from `token_attention_stats`, per prompt
@@ -290,7 +281,7 @@ class RefinerAttention(Metric):
 
     def validate(self, job) -> None:
         super().validate(job)
-        require(isinstance(self.window, int) and self.window >= 0, "metrics.refiner_attention.window",
+        require(self.window >= 0, "metrics.refiner_attention.window",
                 f"{self.window!r} is not a non-negative integer", "give e.g. window=8")
 
     def compute(self, ctx: JobContext) -> MetricOutput:

@@ -10,6 +10,7 @@ from typing import ClassVar, TYPE_CHECKING
 
 import numpy as np
 
+from ..configs import ClipScoreFields
 from ..errors import require
 from .base import Metric, MetricOutput
 
@@ -149,14 +150,12 @@ class Diversity(Metric):
 
 
 @dataclass
-class ClipScore(Metric):
+class ClipScore(ClipScoreFields, Metric):
     """CLIPScore = 100 · max(cos(image embedding, prompt embedding), 0) with a local CLIP model (transformers).
     Selecting it without a path, or with a path that is not a CLIP model, is a config error (not an empty summary)."""
 
     name: ClassVar[str] = "clip_score"
     needs: ClassVar[frozenset] = frozenset({"images"})
-
-    path: str | None = None
 
     STATS: ClassVar[tuple] = ("score",)
 

@@ -22,6 +22,7 @@ from typing import ClassVar, Iterator, TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..configs import AttributionFields, RestorationFields
 from ..errors import require
 from ..interventions.hooks import Always, Op, attach, capture
 from ..interventions.patch import Patch, token_alignment
@@ -182,11 +183,8 @@ class PatchMetric(Metric):
 
 
 @dataclass
-class Restoration(PatchMetric):
+class Restoration(RestorationFields, PatchMetric):
     """How much of the clean prompt A the job's patch restores in the corrupted prompt B (module docstring)."""
-
-    images: bool = True  # image restoration (generates A's stock images); false: conditioning only
-    grid: bool = True    # the tracing heatmap: every single (slot, token) patch, conditioning restoration
 
     name: ClassVar[str] = "restoration"
     STATS: ClassVar[tuple] = ("cond",)
@@ -239,11 +237,9 @@ class Restoration(PatchMetric):
 
 
 @dataclass
-class Attribution(PatchMetric):
+class Attribution(AttributionFields, PatchMetric):
     """Attribution patching: one gradient per pair approximates every single (slot, token) patch (module docstring).
     Text path only: no DiT, CPU-able at full size."""
-
-    compare: bool = True  # also run the true single patches and report the correlation
 
     name: ClassVar[str] = "attribution"
     needs: ClassVar[frozenset] = frozenset({"text_encoder", "text_path"})

@@ -36,6 +36,7 @@ from typing import ClassVar, Iterator, TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..configs import WordMapsFields
 from ..errors import require
 from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
 from .base import Metric, MetricOutput
@@ -60,8 +61,7 @@ def check_index_lists(metric, name: str) -> None:
     for key in ("blocks", "steps"):
         value = getattr(metric, key)
         if value is not None:
-            require(all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value),
-                    f"metrics.{name}.{key}", f"{value!r} is not a list of indices",
+            require(all(v >= 0 for v in value), f"metrics.{name}.{key}", f"{value!r} is not a list of indices",
                     f"give e.g. metrics.{name}.{key}=[0,1] or null for all")
             setattr(metric, key, sorted(set(value)))
 
@@ -267,14 +267,8 @@ def compare_maps(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------------- the metric
 @dataclass
-class WordMaps(Metric):
+class WordMaps(WordMapsFields, Metric):
     """Per-word attention maps over the image from the DiT's joint attention (see the module docstring)."""
-
-    blocks: list[int] | None = None   # DiT block indices; null = all
-    steps: list[int] | None = None    # denoising step indices; null = all
-    compare_stock: bool = True        # correlation / IoU vs the stock run of the same prompt × seed
-    upsample: bool = True             # also save [words, H, W] at image resolution
-    chunk: int = 256                  # image queries per logits chunk (memory: heads × chunk × sequence floats)
 
     name: ClassVar[str] = "word_maps"
     records_generation: ClassVar[bool] = True
@@ -283,9 +277,9 @@ class WordMaps(Metric):
     VS_STOCK: ClassVar[tuple] = ("corr", "iou")
 
     def __post_init__(self):
+        super().__post_init__()
         check_index_lists(self, "word_maps")
-        require(isinstance(self.chunk, int) and self.chunk > 0, "metrics.word_maps.chunk", f"{self.chunk!r}",
-                "give a positive number of queries")
+        require(self.chunk > 0, "metrics.word_maps.chunk", f"{self.chunk} queries", "give a positive number of queries")
 
     @property
     def needs(self) -> frozenset:
