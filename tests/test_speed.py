@@ -189,7 +189,8 @@ def test_compose_once_equals_hydra():
                "sampler.negative_prompt='blurry, dark'", "sampler.height=null", "intervention.layer=null"],
               [*base, "intervention.slot=4", "intervention.strength=2", "seeds=[3,'4',5]",
                "sampler.negative_prompt=\"it's, \\\"quoted\\\"\"", "sampler.height=128", "intervention.layer=20"],
-              [*base, "intervention.slot=5", "intervention.strength=${sampler.height}", "seeds=[${intervention.slot}]",
+              [*base, "intervention.slot=5", "intervention.strength=${sampler.max_sequence_length}",
+               "seeds=[${intervention.slot}]",
                "sampler.negative_prompt=plain", "sampler.height=null", "intervention.layer=null"]]
     jobs += values
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
