@@ -105,18 +105,14 @@ def finite(values: Any, key: str) -> None:
                 f"{v!r} is not a finite number", "give finite numbers (no NaN or inf)")
 
 
-def block_indices(values: Any, key: str) -> list[int]:
-    """Layerwise block indices (null = all of Krea 2's two)."""
+def block_indices(values: list[int] | None, key: str) -> list[int]:
+    """Layerwise block indices (null = all of Krea 2's two); a list of ints (typed: `configs.KnockoutFields`)."""
     if values is None:
         return list(range(NUM_LAYERWISE_BLOCKS))
-    if isinstance(values, int):
-        values = [values]
-    out = []
     for v in values:
-        require(isinstance(v, int) and 0 <= v < NUM_LAYERWISE_BLOCKS, key, f"{v!r} is not a layerwise block",
+        require(0 <= v < NUM_LAYERWISE_BLOCKS, key, f"{v!r} is not a layerwise block",
                 f"give indices 0–{NUM_LAYERWISE_BLOCKS - 1} (or null for all)")
-        out.append(v)
-    return sorted(set(out))
+    return sorted(set(values))
 
 
 
