@@ -88,8 +88,9 @@ def instantiate(node: Any, key: str):
 
 def check_fields(node: Any, key: str) -> None:
     """Each mapping with a `_target_` in `node` gives only fields its class takes, and every field it requires: read
-    from the class's signature (typed groups are already checked by composition; this covers the others, e.g. an
-    intervention or a metric), so a misspelt field is one line with "did you mean" instead of a constructor error."""
+    from the class's signature (composition already refused a misspelt key of a typed node; this covers what it did
+    not see: a key added with `+`, an `interventions` entry, a user's own class), so a misspelt field is one line with
+    "did you mean" instead of a constructor error."""
     for where, fields in _fields_by_target(node, key):
         params = parameters_of(fields)
         if params is None:  # no readable signature: the constructor reports it
