@@ -23,7 +23,9 @@ from common import count_flops, environment, median, write_json
 def dry_run_flops(text_tokens: int = 40, size: int = 1024) -> dict:
     from common import build_full_transformer
 
-    from krea_sweeps.metrics.word_maps import MapSink, TextAttentionProcessor, swapped_processors
+    from krea_sweeps.interventions import InterventionContext
+    from krea_sweeps.interventions.hooks import probing
+    from krea_sweeps.metrics.word_maps import MapSink, TextAttentionProcessor
     from krea_sweeps.sampler import Denoising
 
     meta = torch.device("meta")
@@ -41,9 +43,8 @@ def dry_run_flops(text_tokens: int = 40, size: int = 1024) -> dict:
     sink = MapSink(Denoising(), None, None, n_img, 1, [0], chunk=256)
     sink.add = lambda maps: None  # meta tensors hold no values to accumulate
     blocks = list(model.transformer_blocks)
-    with torch.no_grad(), swapped_processors([b.attn for b in blocks],
-                                             lambda old, i: TextAttentionProcessor(old, sink, i)), \
-            count_flops() as recorded:
+    with torch.no_grad(), probing(InterventionContext(transformer=model), "dit_attention", "word_maps",
+                                  lambda old, i: TextAttentionProcessor(old, sink, i)), count_flops() as recorded:
         model(**inputs)
     extra = recorded.get_total_flops() - stock.get_total_flops()
     return {"image_tokens": n_img, "text_tokens": text_tokens, "blocks": len(blocks), "heads": 48, "head_dim": 128,
@@ -52,7 +53,9 @@ def dry_run_flops(text_tokens: int = 40, size: int = 1024) -> dict:
 
 
 def cpu_wall_time(size: int, repeats: int) -> dict:
-    from krea_sweeps.metrics.word_maps import MapSink, TextAttentionProcessor, swapped_processors
+    from krea_sweeps.interventions import InterventionContext
+    from krea_sweeps.interventions.hooks import probing
+    from krea_sweeps.metrics.word_maps import MapSink, TextAttentionProcessor
     from krea_sweeps.models import LoadedModel, ModelVariant
     from krea_sweeps.prompts import EncodeCache
     from krea_sweeps.sampler import Denoising, Sampler, generate_many
@@ -62,7 +65,6 @@ def cpu_wall_time(size: int, repeats: int) -> dict:
     sampler = Sampler(steps=8, fast=True, height=size, width=size).resolved(model.variant)
     cache = EncodeCache(None)
     cond, neg = (cache.get(model, [p], 512) for p in ["a red fox sitting in fresh snow", ""])
-    blocks = [b.attn for b in pipe.transformer.transformer_blocks]
 
     def plain():
         return generate_many(pipe, sampler, cond, neg, [0], denoising=Denoising())
@@ -70,7 +72,8 @@ def cpu_wall_time(size: int, repeats: int) -> dict:
     def recording():
         state = Denoising()
         sink = MapSink(state, None, None, (size // 16) ** 2, sampler.steps, [0], chunk=256)
-        with swapped_processors(blocks, lambda old, i: TextAttentionProcessor(old, sink, i)):
+        with probing(InterventionContext(transformer=pipe.transformer, denoising=state), "dit_attention",
+                     "word_maps", lambda old, i: TextAttentionProcessor(old, sink, i)):
             return generate_many(pipe, sampler, cond, neg, [0], denoising=state)
 
     times = {"plain": [], "recording": []}

@@ -161,6 +161,7 @@ class JobContext:
         return InterventionContext(text_path=self.text_path, encode=self.encode, num_steps=self.job.sampler.steps,
                                    denoising=self.denoise, projector_chains=self.session.projector_chains,
                                    hooks=self.session.hooks,
+                                   get_transformer=(lambda: self.model.transformer) if self.job.generates else None,
                                    prompts=[*self.job.prompts, self.job.sampler.negative_prompt],
                                    encode_layers=self.encode)
 

@@ -358,7 +358,7 @@ def test_concept_stream_equals_the_block_on_text_image_concepts_with_that_mask(t
     concepts and the concepts never see the text; its concept rows must equal the hook's stream, its other rows the
     stock block's."""
     from krea_sweeps.metrics.concept_maps import CapturingProcessor, concept_block_step
-    from krea_sweeps.metrics.word_maps import swapped_processors
+    from krea_sweeps.interventions.hooks import probing
 
     tr = turbo.transformer
     block = tr.transformer_blocks[1]
@@ -373,7 +373,8 @@ def test_concept_stream_equals_the_block_on_text_image_concepts_with_that_mask(t
     rotary = tr.rotary_emb(pos)
     seen = {}
     with torch.no_grad():
-        with swapped_processors([block.attn], lambda old, i: CapturingProcessor(old, seen)):
+        with probing(InterventionContext(transformer=tr), "dit_attention", "capture",
+                     lambda old, i: CapturingProcessor(old, seen), at=[1]):
             stock = block(hs, temb, rotary)
         stream, _ = concept_block_step(block, concepts, temb, seen, N)
         full_pos = torch.cat([pos, torch.zeros(C, 3)])

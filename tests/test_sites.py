@@ -56,8 +56,9 @@ class ScaleSlot(Op):
 
 
 def test_each_site_is_declared_once():
-    assert set(SITES) >= {"taps", "slots", "projector", "fusion_attention", "block", "fused"}
-    assert {s.form for s in SITES.values()} == {"states", "weight", "key_mask"}
+    assert set(SITES) >= {"taps", "slots", "projector", "fusion_attention", "block", "fused", "refiner_attention",
+                          "dit_text", "dit_attention"}
+    assert {f for s in SITES.values() for f in s.forms} == {"states", "weight", "key_mask", "processor"}
     with pytest.raises(ValueError, match="already declared"):
         register_site(Site("taps", lambda ctx, i: ctx.text_path.text_fusion, "pre", "states"))
 
@@ -169,3 +170,169 @@ def test_during_a_job_the_session_names_each_site_and_op_and_after_it_nothing(se
     assert session.attached() == []
     assert record["fitted"][1]["consistency"] is None  # one pair: no pairwise consistency
     assert record["interventions"] == [i.describe() for i in job.interventions]
+
+
+# ---------------------------------------------------------------------------------------------------- DiT sites
+def dit_text(model, ctx, scope, prompts=PROMPTS):
+    """The DiT's text tokens [B, T, D_dit] for `prompts`: text_fusion then txt_in, as the transformer runs them."""
+    enc = ENCODINGS.get(model, prompts, MSL)
+    with torch.no_grad(), scope:
+        return model.text_path.txt_in(model.text_path(enc.taps, enc.mask))
+
+
+def test_a_copying_op_at_dit_text_is_bit_identical_and_leaves_nothing(turbo):
+    ctx = context(turbo)
+    stock = dit_text(turbo, ctx, torch.no_grad())
+    assert stock.dim() == 3  # [B, T, D_dit]: no slot axis
+    assert torch.equal(dit_text(turbo, ctx, attach("dit_text", Copy(), Always(), ctx)), stock)
+    assert ctx.hooks.names() == []
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in turbo.text_path.modules())
+
+
+def test_steer_add_at_dit_text_is_the_hand_computed_edit_and_undo_is_exact(turbo, tmp_path):
+    """An existing op (steer, mode=add) at the DiT's text tokens: the DiT receives txt_in's output + s·d̂, computed
+    here without any hook; strength 0 is bit-identical; after detaching the tokens are the stock ones bit for bit."""
+    import numpy as np
+
+    ctx = context(turbo)
+    stock = dit_text(turbo, ctx, torch.no_grad())
+    d = np.random.default_rng(0).standard_normal(stock.shape[-1]).astype(np.float32)
+    np.save(tmp_path / "d.npy", d)
+    steer = Steer(site="dit_text", mode="add", strength=0.5, direction_file=str(tmp_path / "d.npy"))
+    got = dit_text(turbo, ctx, applied([steer], ctx))
+    d_hat = torch.from_numpy(d).double()
+    d_hat = (d_hat / d_hat.norm()).float()
+    assert torch.equal(got, stock + 0.5 * d_hat) and not torch.equal(got, stock)
+    identity = Steer(site="dit_text", mode="add", strength=0.0, direction_file=str(tmp_path / "d.npy"))
+    assert torch.equal(dit_text(turbo, ctx, applied([identity], ctx)), stock)
+    assert torch.equal(dit_text(turbo, ctx, torch.no_grad()), stock)  # undo: exact
+    assert ctx.hooks.names() == []
+
+
+def test_steer_pairs_at_dit_text_learn_in_the_dit_text_space(turbo):
+    """Fitting at dit_text captures txt_in's output (text_fusion then txt_in): the direction is the difference of the
+    pairs' token-pooled DiT text tokens, recomputed here from the modules directly."""
+    from krea_sweeps.interventions.sites import pool_tokens
+
+    ctx = context(turbo)
+    steer = Steer(site="dit_text", pairs=PAIRS)
+    direction = steer.direction(ctx)
+
+    def pooled(prompts):
+        enc = ENCODINGS.get(turbo, prompts, MSL)
+        return pool_tokens(dit_text(turbo, ctx, torch.no_grad(), prompts), enc.mask)
+
+    expected = (pooled([a for a, _ in PAIRS]) - pooled([b for _, b in PAIRS])).mean(0).float()
+    assert direction.shape == expected.shape and torch.allclose(direction, expected, rtol=1e-6, atol=1e-7)
+
+
+class ZeroAttention(Op):
+    """Edits attention itself: the block's attention output is zeroed (its processor still runs)."""
+
+    name = "zero_attention"
+
+    def processor(self, inner, index):
+        return lambda attn, *args, **kwargs: inner(attn, *args, **kwargs) * 0
+
+
+class ReadAttention(Op):
+    name = "read_attention"
+
+    def __init__(self):
+        self.seen = []
+
+    def processor(self, inner, index):
+        def run(attn, *args, **kwargs):
+            out = inner(attn, *args, **kwargs)
+            self.seen.append((index, out.shape))
+            return out
+        return run
+
+
+def test_a_processor_op_at_dit_attention_reads_or_edits_and_undo_is_exact(turbo):
+    """The joint attention of DiT block i, addressed by block index: a reading op leaves the image bit-identical, an
+    editing op at block 1 changes it, and after detaching the processors are the very same objects again."""
+    import numpy as np
+
+    from krea_sweeps.sampler import Sampler, generate
+
+    pipe = turbo.pipeline()
+    sampler = Sampler(steps=2, max_sequence_length=MSL).resolved(turbo.variant)
+    cond, neg = ENCODINGS.get(turbo, PROMPTS[:1], MSL), ENCODINGS.get(turbo, [""], MSL)
+    ctx = context(turbo, transformer=turbo.transformer)
+    processors = [b.attn.processor for b in turbo.transformer.transformer_blocks]
+
+    def image(scope):
+        with scope:
+            return generate(pipe, sampler, cond, neg, 0, denoising=ctx.denoising)
+
+    stock = image(torch.no_grad())
+    read = ReadAttention()
+    assert np.array_equal(image(attach("dit_attention", read, Always(), ctx)), stock)
+    assert sorted({i for i, _ in read.seen}) == list(range(len(processors)))  # default: every DiT block
+    assert not np.array_equal(image(attach("dit_attention", ZeroAttention(), Always(), ctx, at=[1])), stock)
+    assert [b.attn.processor for b in turbo.transformer.transformer_blocks] == processors
+    assert np.array_equal(image(torch.no_grad()), stock)
+    with pytest.raises(ConfigError, match="intervention.blocks"):
+        attach("dit_attention", read, Always(), ctx, at=[len(processors)]).__enter__()
+    with pytest.raises(ConfigError, match="intervention.site"):
+        attach("dit_attention", read, Always(), context(turbo)).__enter__()  # no transformer in the context
+    with pytest.raises(ConfigError, match="use one of"):
+        attach("dit_text", ReadAttention(), Always(), ctx).__enter__()  # a processor op at a states site
+
+
+def _job_with(session, tmp_path, monkeypatch, overrides):
+    from conftest import compose
+
+    from krea_sweeps.plan import plan
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return plan(compose(["wandb.mode=disabled", "model=turbo", "sampler.steps=2", f"sampler.max_sequence_length={MSL}",
+                         "prompts.prompts=[a red fox in the snow]", *overrides]))
+
+
+def test_steer_at_dit_text_from_config_is_named_during_the_job_and_moves_the_image(session, tmp_path, monkeypatch):
+    """`intervention.site=dit_text` from the command line: installed by the generic attach (named in the session while
+    the DiT runs), recorded with its site; strength 0 gives the stock image statistics, strength 4 others."""
+    from krea_sweeps.models import LoadedModel
+    from krea_sweeps.task import execute
+
+    summaries = {}
+    for strength in (0.0, 4.0):
+        job = _job_with(session, tmp_path / str(strength), monkeypatch,
+                        ["intervention=steer", "intervention.site=dit_text", "intervention.mode=add",
+                         f"intervention.strength={strength}", "intervention.pairs=[[a smiling face, a neutral face]]"])
+        transformer = LoadedModel(job.variant, session.models).transformer
+        seen = []
+        handle = transformer.register_forward_pre_hook(lambda m, a: seen.append(session.attached()))
+        try:
+            record = execute(job, session).record
+        finally:
+            handle.remove()
+        assert record["interventions"][0]["site"] == "dit_text"
+        assert all(names == ([] if strength == 0 else ["intervention: steer @ dit_text"]) for names in seen) and seen
+        summaries[strength] = record["summary"]
+    assert session.attached() == []
+    key = "image_stats/sharpness"
+    assert key in summaries[0.0] and summaries[0.0][key] != summaries[4.0][key]
+
+
+def test_map_metric_probes_are_named_hooks_at_dit_attention_during_the_job(session, tmp_path, monkeypatch):
+    """word_maps records through a read-only op at dit_attention (one per DiT block), listed by the session while the
+    DiT runs and gone after the job."""
+    from krea_sweeps.models import LoadedModel
+    from krea_sweeps.task import execute
+
+    job = _job_with(session, tmp_path, monkeypatch, ["metrics=[word_maps]", "sampler.fast=false"])
+    transformer = LoadedModel(job.variant, session.models).transformer
+    seen = []
+    handle = transformer.register_forward_pre_hook(lambda m, a: seen.append(session.attached()))
+    try:
+        execute(job, session)
+    finally:
+        handle.remove()
+    blocks = len(transformer.transformer_blocks)
+    expected = [f"metrics.word_maps: word_maps @ dit_attention[{i}]" for i in range(blocks)]
+    assert seen and any(names == expected for names in seen)
+    assert session.attached() == []

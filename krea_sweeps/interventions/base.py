@@ -42,6 +42,11 @@ class InterventionContext:
     encode_layers: Callable[[list[str], tuple[int, ...]], Any] | None = None
     # The named hooks attached through this context (the job's session's: `Session.attached()` lists them).
     hooks: HookRegistry = field(default_factory=HookRegistry)
+    # The DiT, for the sites inside it (`dit_attention`): given, or fetched on first use by `get_transformer` (a job
+    # that generates images passes its model's, so attaching elsewhere loads nothing); with neither, such a site is
+    # refused when attached, naming `intervention.site`.
+    transformer: Any = None
+    get_transformer: Callable[[], Any] | None = None
 
     @property
     def state(self) -> DenoiseState:

@@ -2,8 +2,10 @@
 
 An op is a pure function of (states, call, its parameters): `states(x, call)` maps canonical states ([B, T, 12, D],
 or [B, T, D] where the site has no slots) to edited ones; `weight(w)` maps the projector weight to an edited one;
-`key_mask()` gives the slots a layerwise attention may attend to. An op provides one or more of these forms, and a
-site (`sites.SITES`) takes exactly one. `call` is the text_fusion call in progress: `call.state` (CFG branch and
+`key_mask()` gives the slots a layerwise attention may attend to; `processor(inner, index)` wraps an attention
+module's processor (probes that read the attention a block used, edits of attention itself). An op provides one or
+more of these forms, and a site (`sites.SITES`) takes one or more; the first form of the site's that the op provides
+is installed. `call` is the text_fusion call in progress: `call.state` (CFG branch and
 step), `call.taps`, `call.mask` (the token mask, None when every token is valid) and `call.batch`.
 
 Gates (CFG branch, step window) are the intervention's `active(state)`; `attach` checks them on every call and
@@ -24,7 +26,7 @@ from ..registry import AttachedOp, HookRegistry  # noqa: F401 - the session's re
 from .installers import masked_attention, projector_hook
 from .sites import SITES, Site, fusion_mask, hooked, replace_first_arg, text_fusion
 
-FORMS = ("states", "weight", "key_mask")
+FORMS = ("states", "weight", "key_mask", "processor")
 
 
 class Op:
@@ -46,6 +48,11 @@ class Op:
     def key_mask(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def processor(self, inner, index: int):
+        """A processor to use instead of `inner` (the module's own) at block `index`: it must call `inner` for
+        the output to stay the stock one where it only reads."""
+        raise NotImplementedError
+
     renorm: bool = False  # weight form: rescale the edited projector output to the stock output's RMS
 
     @classmethod
@@ -54,8 +61,8 @@ class Op:
 
     def refusal(self, site: Site) -> str | None:
         """Why this op cannot act at `site` (None: it can)."""
-        if site.form not in self.forms():
-            return f"{self.name} has no {site.form} form"
+        if not set(site.forms) & set(self.forms()):
+            return f"{self.name} has no {' or '.join(site.forms)} form"
         if self.needs_slots and not site.has_slots:
             return f"{self.name} addresses slots, and {site.name} has none"
         if self.only_at is not None and site.name not in self.only_at:
@@ -133,20 +140,44 @@ def _install_key_mask(site: Site, op: Op, gates, ctx, index: int) -> Iterator[No
         yield
 
 
-INSTALLERS = {"states": _install_states, "weight": _install_weight, "key_mask": _install_key_mask}
+class GatedProcessor:
+    """The processor an op made (`op.processor(inner, index)`) while the gates are open, the module's own otherwise."""
+
+    def __init__(self, inner, wrapped, gates, ctx):
+        self.inner, self.wrapped, self.gates, self.ctx = inner, wrapped, gates, ctx
+
+    def __call__(self, attn, *args, **kwargs):
+        processor = self.wrapped if self.gates.active(self.ctx.state) else self.inner
+        return processor(attn, *args, **kwargs)
+
+
+@contextmanager
+def _install_processor(site: Site, op: Op, gates, ctx, index: int) -> Iterator[None]:
+    """Wrap the attention module's processor (`set_processor`, public); the very same object is put back on exit."""
+    module = site.module(ctx, index)
+    inner = module.processor
+    module.set_processor(GatedProcessor(inner, op.processor(inner, index), gates, ctx))
+    try:
+        yield
+    finally:
+        module.set_processor(inner)
+
+
+INSTALLERS = {"states": _install_states, "weight": _install_weight, "key_mask": _install_key_mask,
+              "processor": _install_processor}
 
 
 @contextmanager
 def attach(site_name: str, op: Op, gates, ctx, *, at: list[int] | None = None,
            key: str = "intervention") -> Iterator[None]:
-    """Install `op` at `site_name` (at each layerwise block in `at` for per-block sites; default every block), gated by
+    """Install `op` at `site_name` (at each block in `at` for per-block sites; default every block), gated by
     `gates.active(state)`, each hook named in `ctx.hooks`; everything is removed on exit, whatever happens."""
     site = check_accepts(site_name, op, f"{key}.site")
-    every_block = range(len(text_fusion(ctx).layerwise_blocks)) if site.per_block and at is None else ()
-    indices = (list(at) if at is not None else list(every_block)) if site.per_block else [None]
+    form = next(f for f in site.forms if f in op.forms())
+    indices = (list(at) if at is not None else list(range(site.count(ctx)))) if site.per_block else [None]
     with ExitStack() as stack:
         for index in indices:
-            stack.enter_context(INSTALLERS[site.form](site, op, gates, ctx, index))
+            stack.enter_context(INSTALLERS[form](site, op, gates, ctx, index))
             stack.enter_context(ctx.hooks.named(key, site.name, op.name, index))
         yield
 
@@ -158,6 +189,25 @@ class Always:
     @staticmethod
     def active(state) -> bool:
         return True
+
+
+class Probe(Op):
+    """A read-only op at an attention site (`dit_attention`, `fusion_attention`, `refiner_attention`): block `index`'s
+    processor wrapped by `make(inner, index)`, which must run `inner` unchanged (the output stays the stock one) and
+    only record. What the map and attention metrics install, so their probes are named hooks like any op."""
+
+    def __init__(self, name: str, make):
+        self.name, self.make = name, make
+
+    def processor(self, inner, index: int):
+        return self.make(inner, index)
+
+
+@contextmanager
+def probing(ctx, site: str, name: str, make, at=None, key: str = "metrics") -> Iterator[None]:
+    """`Probe(name, make)` attached at `site` (every block, or those in `at`), always open, under `key`."""
+    with attach(site, Probe(name, make), Always(), ctx, at=at, key=key):
+        yield
 
 
 class _Grab(Op):
@@ -174,10 +224,11 @@ class _Grab(Op):
 
 
 def capture(ctx, encoded, site: str, index: int = 0) -> torch.Tensor:
-    """The canonical states at `site` for `encoded` ([B, T, 12, D], or [B, T, D] at fused), through the text path
-    as currently attached: what reference statistics (ablate mean, steer directions, patch sources) are computed
+    """The canonical states at `site` for `encoded` ([B, T, 12, D], or [B, T, D] at fused and dit_text), through the
+    text path as currently attached (and txt_in, for a site after it): what reference statistics (ablate mean, steer directions, patch sources) are computed
     from, so they live in the space the edit is applied in."""
     grab = _Grab()
+    run = SITES[site].run or (lambda c, taps, mask: c.text_path(taps, mask))
     with torch.no_grad(), attach(site, grab, Always(), ctx, at=[index], key="capture"):
-        ctx.text_path(encoded.taps, encoded.mask)
+        run(ctx, encoded.taps, encoded.mask)
     return grab.seen

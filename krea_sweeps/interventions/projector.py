@@ -61,7 +61,7 @@ class Gains(Op):
         return key_mask([m != 0.0 for m in self.multipliers])
 
     def refusal(self, site) -> str | None:
-        if site.form == "key_mask" and not all(m in (0.0, 1.0) for m in self.multipliers):
+        if "key_mask" in site.forms and not all(m in (0.0, 1.0) for m in self.multipliers):
             return (f"{site.name} can only hide or keep a key, but the multipliers are {self.multipliers} (use "
                     "strength 1 and solo_gain 1 there)")
         return super().refusal(site)

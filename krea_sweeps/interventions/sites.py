@@ -12,11 +12,15 @@ slots) — and the site converts to and from its own, so an op is written once f
   `text_fusion`);
 - `projector` (weight): the [1, 12] weight, edited at forward time (a forward hook returning `F.linear(x, w')`,
   bit-identical to replacing the weight, but gated per CFG branch and step, and nothing is written);
-- `fusion_attention` (key_mask, per layerwise block): the layerwise blocks' cross-layer attention (pre-hook on
-  `layerwise_blocks[i].attn` injecting a key mask).
+- `fusion_attention` (key_mask or processor, per layerwise block): the layerwise blocks' cross-layer attention
+  (pre-hook on `layerwise_blocks[i].attn` injecting a key mask; or its processor wrapped, for probes);
+- `refiner_attention` (processor, per refiner block): the refiner blocks' attention over the tokens;
+- `dit_text` (states, per token, DiT width): the DiT's text tokens as its joint blocks receive them — the output of
+  `txt_in` [B, T, D_dit] (forward hook);
+- `dit_attention` (processor, per DiT block): the joint [text; image] attention of `transformer_blocks[i]` (its
+  processor wrapped: the word-map and concept-map probes, and any op that edits attention).
 
-A new site (DiT text tokens, DiT joint attention, encoder layers) is one more `Site(...)` passed to
-`register_site`. A slot or tap is addressed by index (`3`) or by its encoder layer (`L20` in lists, or `layer: 20`):
+A new site is one more `Site(...)` passed to `register_site`. A slot or tap is addressed by index (`3`) or by its encoder layer (`L20` in lists, or `layer: 20`):
 layer 20 is index 6 because select_layers = [2, 5, ..., 35]; `slot_index`/`layer_of` are the one conversion.
 """
 
@@ -140,29 +144,59 @@ TOKENS = Layout("[B, T, D]", False, lambda x, call: x, lambda y, x, call: y)
 @dataclass(frozen=True)
 class Site:
     """One place an op can act: `module(ctx, index)` finds it from the `InterventionContext` (the text path's
-    modules today; a DiT site would find the transformer's the same way), `hook` is `pre` (the
-    module's first input) or `forward` (its output), `form` is what an op must provide there (`states`, `weight`
-    or `key_mask`), `layout` how states look there (None for weight/key-mask sites), `per_block`: addressed by
-    layerwise block index."""
+    modules, or the transformer's for DiT sites), `hook` is `pre` (the module's first input), `forward` (its output)
+    or `processor` (the attention module's processor, wrapped), `form` is what an op must provide there (`states`,
+    `weight`, `key_mask` or `processor`; a tuple when the site takes several), `layout` how states look there (None
+    for the other forms). `count(ctx)`: how many indexed modules the site has (None: one; per-block sites default to
+    all of them). `run(ctx, taps, mask)`: what makes the site's module run from encoded prompts without the DiT
+    blocks (what `capture` calls; None: the text path). `width`: `text` (the encoder's D) or `dit` (the DiT's
+    hidden size). `addressing` says in words how an op picks where it acts there (the docs' table)."""
 
     name: str
     module: Callable[[Any, int], Any]
     hook: str
-    form: str
+    form: str | tuple[str, ...]
     layout: Layout | None = None
-    per_block: bool = False
+    count: Callable[[Any], int] | None = None
+    run: Callable[[Any, Any, Any], Any] | None = None
+    width: str = "text"
+    addressing: str = ""
     doc: str = ""
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        return (self.form,) if isinstance(self.form, str) else tuple(self.form)
+
+    @property
+    def per_block(self) -> bool:
+        return self.count is not None
 
     @property
     def has_slots(self) -> bool:
         return self.layout is None or self.layout.has_slots
 
 
+def _indexed(modules, index: int, what: str):
+    require(0 <= index < len(modules), "intervention.blocks", f"{what} {index} does not exist (the model has "
+            f"{len(modules)})", f"give indices 0–{len(modules) - 1}")
+    return modules[index]
+
+
 def _block(ctx, index: int):
-    blocks = text_fusion(ctx).layerwise_blocks
-    require(0 <= index < len(blocks), "intervention.blocks", f"block {index} does not exist (the model has "
-            f"{len(blocks)})", f"give indices 0–{len(blocks) - 1}")
-    return blocks[index]
+    return _indexed(text_fusion(ctx).layerwise_blocks, index, "layerwise block")
+
+
+def _refiner(ctx, index: int):
+    return _indexed(text_fusion(ctx).refiner_blocks, index, "refiner block")
+
+
+def _dit_block(ctx, index: int):
+    return _indexed(transformer(ctx).transformer_blocks, index, "DiT block")
+
+
+def _through_txt_in(ctx, taps, mask):
+    """The DiT's text tokens for encoded prompts: text_fusion then txt_in, as `Krea2Transformer2DModel.forward`."""
+    return ctx.text_path.txt_in(ctx.text_path(taps, mask))
 
 
 SITES: dict[str, Site] = {}
@@ -176,18 +210,36 @@ def register_site(site: Site) -> Site:
     return site
 
 
+def _layerwise_count(ctx) -> int:
+    return len(text_fusion(ctx).layerwise_blocks)
+
+
 register_site(Site("taps", lambda ctx, i: text_fusion(ctx), "pre", "states", TOKENS_SLOTS_DIM,
-                   doc="the 12 encoder hidden states entering text_fusion"))
+                   addressing="slot (tap) index or encoder layer; tokens", doc="the 12 encoder hidden states "
+                   "entering text_fusion"))
 register_site(Site("slots", lambda ctx, i: text_fusion(ctx).projector, "pre", "states", TOKENS_DIM_SLOTS,
+                   addressing="slot index or encoder layer; tokens",
                    doc="the projector's inputs, after the layerwise blocks"))
 register_site(Site("projector", lambda ctx, i: text_fusion(ctx).projector, "forward", "weight",
+                   addressing="the weight's 12 entries (one per slot)",
                    doc="the [1, 12] projector weight, applied at call time"))
-register_site(Site("fusion_attention", lambda ctx, i: _block(ctx, i).attn, "pre", "key_mask", per_block=True,
+register_site(Site("fusion_attention", lambda ctx, i: _block(ctx, i).attn, "pre", ("key_mask", "processor"),
+                   count=_layerwise_count, addressing="layerwise block index; keys = slots",
                    doc="the layerwise blocks' attention over the 12 slots"))
-register_site(Site("block", _block, "forward", "states", FOLDED_TOKENS, per_block=True,
-                   doc="one layerwise block's output"))
+register_site(Site("block", _block, "forward", "states", FOLDED_TOKENS, count=_layerwise_count,
+                   addressing="layerwise block index; slots; tokens", doc="one layerwise block's output"))
 register_site(Site("fused", lambda ctx, i: text_fusion(ctx), "forward", "states", TOKENS,
-                   doc="the text features after the refiner blocks"))
+                   addressing="tokens", doc="the text features after the refiner blocks"))
+register_site(Site("refiner_attention", lambda ctx, i: _refiner(ctx, i).attn, "processor", "processor",
+                   count=lambda ctx: len(text_fusion(ctx).refiner_blocks), addressing="refiner block index",
+                   doc="the refiner blocks' attention over the text tokens"))
+register_site(Site("dit_text", lambda ctx, i: ctx.text_path.txt_in, "forward", "states", TOKENS,
+                   run=_through_txt_in, width="dit", addressing="tokens (no slot axis)",
+                   doc="the DiT's text tokens: txt_in's output, what the joint blocks receive"))
+register_site(Site("dit_attention", lambda ctx, i: _dit_block(ctx, i).attn, "processor", "processor",
+                   count=lambda ctx: len(transformer(ctx).transformer_blocks), width="dit",
+                   addressing="DiT block index; queries/keys = [text; image] tokens",
+                   doc="the joint [text; image] attention of a DiT block"))
 
 # ------------------------------------------------------------------------------------------------------- modules
 def text_fusion(ctx) -> Any:
@@ -198,6 +250,14 @@ def text_fusion(ctx) -> Any:
 
 def projector(ctx) -> Any:
     return text_fusion(ctx).projector
+
+
+def transformer(ctx) -> Any:
+    if ctx.transformer is None and ctx.get_transformer is not None:
+        ctx.transformer = ctx.get_transformer()
+    require(ctx.transformer is not None, "intervention.site", "a DiT site was attached without the transformer",
+            "use it in a job that generates images, or pass InterventionContext(transformer=...)")
+    return ctx.transformer
 
 
 # --------------------------------------------------------------------------------------------------------- hooks

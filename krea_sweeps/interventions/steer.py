@@ -1,4 +1,5 @@
-"""Steering Krea 2's conditioning along a direction d, per token, at taps, slots or the fused features.
+"""Steering Krea 2's conditioning along a direction d, per token, at taps, slots, the fused features or the DiT's
+text tokens (`dit_text`, txt_in's output: d is then of the DiT's width).
 
 d comes from A/B prompt pairs — difference of means of the token-pooled (mean over valid tokens) states at the site,
 shape [12, D] at taps and slots, [D] at fused — or from a `.npy` / `.safetensors` file. d̂ is d normalised over the
@@ -147,7 +148,9 @@ class Steer(SteerFields, Intervention):
         """A direction file must match the model's encoder width D (from its config): checked here, before any
         load, rather than in the forward hook minutes later."""
         super().validate(ctx)
-        if self.direction_file is not None and ctx.text_dim is not None:
+        # A site of the DiT's width (dit_text) is checked when the op first runs: the plan knows the encoder's width
+        # only.
+        if self.direction_file is not None and ctx.text_dim is not None and SITES[self.site].width == "text":
             expected = self.expected_shape(ctx.text_dim)
             require(list(self._direction.shape) == expected, "intervention.direction_file",
                     f"direction of shape {list(self._direction.shape)} at site={self.site}, but this model's "

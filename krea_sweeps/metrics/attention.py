@@ -1,9 +1,10 @@
 """Exact attention probabilities for Krea 2's text-fusion blocks, and the aggregates the model card reports.
 
 diffusers never materialises attention probabilities (`dispatch_attention_fn` goes straight to a fused kernel), so we
-measure them beside the kernel: `probed(...)` swaps each attention module's processor for a `ProbingAttnProcessor`
-that runs the module's *own* processor unchanged (so the features stay bit-identical) while reading the normalised
-query and key it computed (forward hooks on `norm_q` / `norm_k`), and computes P = softmax(QKᵀ/√d) explicitly in
+measure them beside the kernel: a `ProbingAttnProcessor` wraps each attention module's processor — the metrics
+install it as a read-only op at the `fusion_attention` / `refiner_attention` sites (`hooks.probing`, named in the
+session's registry); `probed(modules)` does the same on any list of modules (tests). The probe runs the module's
+*own* processor unchanged (so the features stay bit-identical) while reading the normalised query and key it computed (forward hooks on `norm_q` / `norm_k`), and computes P = softmax(QKᵀ/√d) explicitly in
 float32. The old processors are put back on exit. Tests prove P against the kernel (identity-V) and P·V against the
 module's output.
 

@@ -30,7 +30,9 @@ from ..configs import ConceptMapsFields
 from ..errors import require
 from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
 from .base import Metric, MetricOutput
-from .word_maps import MapSink, check_index_lists, checked_blocks, latent_grid, map_stats, swapped_processors, upsample
+from ..interventions.hooks import probing
+from ..interventions.sites import hooked
+from .word_maps import MapSink, check_index_lists, checked_blocks, latent_grid, map_stats, upsample
 
 if TYPE_CHECKING:
     from ..context import JobContext
@@ -181,13 +183,17 @@ class ConceptMaps(ConceptMapsFields, Metric):
                 return None
             return hook
 
-        with ExitStack() as stack:
-            stack.enter_context(swapped_processors([b.attn for b in blocks],
-                                                   lambda old, i: CapturingProcessor(old, seen[i])))
-            handles = [transformer.register_forward_pre_hook(start, with_kwargs=True)]
-            handles += [b.register_forward_hook(after_block(i)) for i, b in enumerate(blocks)]
-            for handle in handles:
-                stack.callback(handle.remove)
+        key = f"metrics.{self.name}"
+        hooks = ctx.session.hooks
+        with ExitStack() as stack:  # every hook named, so Session.attached() lists them during the job
+            stack.enter_context(probing(ctx.intervention_context(), "dit_attention", "concept_keys",
+                                        lambda old, i: CapturingProcessor(old, seen[i]), at=range(len(blocks)),
+                                        key=key))
+            stack.enter_context(hooked(transformer, start, pre=True, with_kwargs=True))
+            stack.enter_context(hooks.named(key, "dit", "concept_start"))
+            for i, b in enumerate(blocks):
+                stack.enter_context(hooked(b, after_block(i)))
+                stack.enter_context(hooks.named(key, "dit_block", "concept_stream", i))
             yield
         store = ctx.cache.setdefault((self.name, kind), {})
         for seed, maps in sink.means().items():

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import probed
+from ..interventions.hooks import probing
+from .attention import ProbingAttnProcessor
 
 # Parts a metric may ask for besides the always-recorded taps, slots, projector output and fused features.
 PARTS = frozenset({"fusion_attention", "refiner_attention", "normed"})
@@ -118,21 +119,33 @@ def trace_prompt(ctx, encoded, intervened: bool, parts: frozenset, upstream: dic
 
         return hook
 
+    def named(site: str, what: str):  # every hook of the trace listed by Session.attached() while it runs
+        stack.enter_context(ctx.session.hooks.named("metrics.trace", site, what))
+
     with ExitStack() as stack:
         if intervened:
             stack.enter_context(ctx.intervened())
         stack.enter_context(_hook(tf.register_forward_pre_hook(keep_input("taps"), with_kwargs=True)))
+        named("taps", "keep")
         stack.enter_context(_hook(tf.projector.register_forward_pre_hook(keep_input("slots"))))
+        named("slots", "keep")
         stack.enter_context(_hook(tf.projector.register_forward_hook(keep("projected"))))
+        named("projector", "keep output")
         layer_calls = refiner_calls = None
-        if "fusion_attention" in parts:
-            layer_calls = stack.enter_context(probed([b.attn for b in tf.layerwise_blocks]))
+        probes = ctx.intervention_context()
+        if "fusion_attention" in parts:  # the attention probes: read-only ops at the attention sites
+            layer_calls = [[] for _ in tf.layerwise_blocks]
+            stack.enter_context(probing(probes, "fusion_attention", "attention", _recorder(layer_calls),
+                                        key="metrics.trace"))
         if "refiner_attention" in parts:
-            refiner_calls = stack.enter_context(probed([b.attn for b in tf.refiner_blocks]))
+            refiner_calls = [[] for _ in tf.refiner_blocks]
+            stack.enter_context(probing(probes, "refiner_attention", "attention", _recorder(refiner_calls),
+                                        key="metrics.trace"))
         weight = tf.projector.weight.detach().reshape(-1).clone()
         fused = text_path(encoded.taps, encoded.mask)
         if "normed" in parts:
-            with _hook(text_path.txt_in.norm.register_forward_hook(keep("normed"))):
+            with _hook(text_path.txt_in.norm.register_forward_hook(keep("normed"))), \
+                    ctx.session.hooks.named("metrics.trace", "txt_in.norm", "keep output"):
                 text_path.txt_in(fused)
 
     if upstream is not None:
@@ -156,6 +169,11 @@ def trace_prompt(ctx, encoded, intervened: bool, parts: frozenset, upstream: dic
     if refiner_calls is not None:
         out.refiner_attention = [calls[-1].probs[0][:, content].cpu() for calls in refiner_calls]
     return out
+
+
+def _recorder(calls: list[list]):
+    """A probe's processor maker: block i's attention probabilities appended to `calls[i]`."""
+    return lambda old, i: ProbingAttnProcessor(old, calls[i])
 
 
 @contextmanager

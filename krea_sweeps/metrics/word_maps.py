@@ -39,6 +39,7 @@ import torch
 from ..configs import WordMapsFields
 from ..errors import require
 from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
+from ..interventions.hooks import probing
 from .base import Metric, MetricOutput
 
 if TYPE_CHECKING:
@@ -132,19 +133,6 @@ class TextAttentionProcessor:
             text_len = hidden_states.shape[1] - self.sink.image_tokens
             self.sink.add(image_text_attention(query, key, attention_mask, text_len, self.sink.chunk))
         return output
-
-
-@contextmanager
-def swapped_processors(modules: list, make) -> Iterator[None]:
-    """Each module's processor replaced by `make(old, index)`; the very same objects put back on exit."""
-    old = [m.processor for m in modules]
-    try:
-        for i, (m, proc) in enumerate(zip(modules, old)):
-            m.set_processor(make(proc, i))
-        yield
-    finally:
-        for m, proc in zip(modules, old):
-            m.set_processor(proc)
 
 
 class MapSink:
@@ -310,9 +298,9 @@ class WordMaps(WordMapsFields, Metric):
         blocks = checked_blocks(transformer, self.blocks, "metrics.word_maps.blocks")
         h, w = latent_grid(ctx.job.sampler, ctx.model)
         sink = MapSink(ctx.denoise, self.blocks, self.steps, h * w, ctx.job.sampler.steps, seeds, self.chunk)
-        with ExitStack() as stack:
-            stack.enter_context(swapped_processors([b.attn for b in blocks],
-                                                   lambda old, i: TextAttentionProcessor(old, sink, i)))
+        with probing(ctx.intervention_context(), "dit_attention", "word_maps",
+                     lambda old, i: TextAttentionProcessor(old, sink, i), at=range(len(blocks)),
+                     key=f"metrics.{self.name}"):  # a named probe at each DiT block (Session.attached() lists it)
             yield
         store = ctx.cache.setdefault((self.name, kind), {})
         mask = ctx.encoded.mask[p]
