@@ -116,7 +116,8 @@ def test_pipeline_without_text_encoder_gives_identical_images(raw):
     bare = raw.pipeline(text_encoder=False)
     assert bare.text_encoder is None and bare.tokenizer is None
     with torch.no_grad():
-        assert np.array_equal(generate(full, sampler, cond, neg, seed=3, denoising=Denoising()), generate(bare, sampler, cond, neg, seed=3, denoising=Denoising()))
+        assert np.array_equal(generate(full, sampler, cond, neg, seed=3, denoising=Denoising()),
+                              generate(bare, sampler, cond, neg, seed=3, denoising=Denoising()))
 
 
 def test_cached_prompts_load_no_text_encoder_and_exit_codes_hold(cli):

@@ -96,7 +96,8 @@ def test_denoise_state_tracks_branch_and_step_under_cfg(raw):
     try:
         layers = tuple(raw.variant.select_layers)
         cond = encode(raw.tokenizer, raw.text_encoder, ["x"], 16, layers)
-        generate(pipe, Sampler(steps=3, max_sequence_length=16).resolved(raw.variant), cond, cond, seed=0, denoising=state)
+        generate(pipe, Sampler(steps=3, max_sequence_length=16).resolved(raw.variant), cond, cond, seed=0,
+                 denoising=state)
     finally:
         handle.remove()
     assert [(b, s) for b, s, _ in seen] == [("cond", 0), ("uncond", 0), ("cond", 1), ("uncond", 1), ("cond", 2),

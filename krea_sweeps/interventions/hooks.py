@@ -225,8 +225,8 @@ class _Grab(Op):
 
 def capture(ctx, encoded, site: str, index: int = 0) -> torch.Tensor:
     """The canonical states at `site` for `encoded` ([B, T, 12, D], or [B, T, D] at fused and dit_text), through the
-    text path as currently attached (and txt_in, for a site after it): what reference statistics (ablate mean, steer directions, patch sources) are computed
-    from, so they live in the space the edit is applied in."""
+    text path as currently attached (and txt_in, for a site after it): what reference statistics (ablate mean, steer
+    directions, patch sources) are computed from, so they live in the space the edit is applied in."""
     grab = _Grab()
     run = SITES[site].run or (lambda c, taps, mask: c.text_path(taps, mask))
     with torch.no_grad(), attach(site, grab, Always(), ctx, at=[index], key="capture"):

@@ -7,7 +7,8 @@ interventions' own hooks, so they see the edited tensors; all are removed on exi
 (the real model pads to 512 tokens; the metrics average over the ~tens of content tokens).
 
 Conditioning-side metrics see the text path as the positive branch at denoising step 0 does (the job's
-`Denoising.current` reads cond/0 outside a pipeline call): an intervention gated to `uncond` or to a later step window is inactive here.
+`Denoising.current` reads cond/0 outside a pipeline call): an intervention gated to `uncond` or to a later step
+window is inactive here.
 """
 
 from __future__ import annotations

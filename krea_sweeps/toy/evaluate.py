@@ -123,8 +123,8 @@ def generate(model, sampler, prompts: list[str], seeds: list[int], interventions
                               guidance=sampler.guidance)
     scope = applied(interventions, ctx) if interventions else nullcontext()
     with scope:
-        return np.stack([np.stack(generate_many(pipe, sampler, encoded.index(i), negative, seeds, denoising=ctx.denoising))
-                         for i in range(len(prompts))])
+        return np.stack([np.stack(generate_many(pipe, sampler, encoded.index(i), negative, seeds,
+                                                denoising=ctx.denoising)) for i in range(len(prompts))])
 
 
 def build_intervention(name: str, overrides: dict):
