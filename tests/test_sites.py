@@ -311,7 +311,8 @@ def test_steer_at_dit_text_from_config_is_named_during_the_job_and_moves_the_ima
         finally:
             handle.remove()
         assert record["interventions"][0]["site"] == "dit_text"
-        assert all(names == ([] if strength == 0 else ["intervention: steer @ dit_text"]) for names in seen) and seen
+        assert all(names == ([] if strength == 0 else ["intervention: steer @ dit_text"]) for names in seen)
+        assert seen or strength == 0  # strength 0 is the stock job: its images may come from the stock-image cache
         summaries[strength] = record["summary"]
     assert session.attached() == []
     key = "image_stats/sharpness"
