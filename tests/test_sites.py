@@ -325,7 +325,8 @@ def test_map_metric_probes_are_named_hooks_at_dit_attention_during_the_job(sessi
     from krea_sweeps.models import LoadedModel
     from krea_sweeps.task import execute
 
-    job = _job_with(session, tmp_path, monkeypatch, ["metrics=[word_maps]", "sampler.fast=false"])
+    job = _job_with(session, tmp_path, monkeypatch, ["metrics=[word_maps]", "sampler.fast=false", "intervention=solo",
+                                                     "intervention.slot=6"])  # its own images: never from a cache
     transformer = LoadedModel(job.variant, session.models).transformer
     seen = []
     handle = transformer.register_forward_pre_hook(lambda m, a: seen.append(session.attached()))
@@ -334,6 +335,6 @@ def test_map_metric_probes_are_named_hooks_at_dit_attention_during_the_job(sessi
     finally:
         handle.remove()
     blocks = len(transformer.transformer_blocks)
-    expected = [f"metrics.word_maps: word_maps @ dit_attention[{i}]" for i in range(blocks)]
-    assert seen and any(names == expected for names in seen)
+    probes = [f"metrics.word_maps: word_maps @ dit_attention[{i}]" for i in range(blocks)]
+    assert any(names == ["intervention: gains @ projector", *probes] for names in seen)
     assert session.attached() == []
