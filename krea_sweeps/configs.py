@@ -91,6 +91,16 @@ class StateSite(StrEnum):
     fused = "fused"
 
 
+class SteerSite(StrEnum):
+    """Where steer acts: the text path's state sites, and the DiT's text tokens (`dit_text`, txt_in's output)."""
+
+    taps = "taps"
+    slots = "slots"
+    block = "block"
+    fused = "fused"
+    dit_text = "dit_text"
+
+
 class SlotStateSite(StrEnum):
     """The sites whose states have the 12-slot axis (ablate)."""
 
@@ -275,7 +285,7 @@ class KnockoutFields(InterventionFields):
 
 @dataclass
 class SteerFields(InterventionFields):
-    site: StateSite = StateSite.taps
+    site: SteerSite = SteerSite.taps
     mode: SteerMode = SteerMode.amplify
     strength: float = 1.0
     value: float = 0.0
