@@ -28,10 +28,10 @@ import torch
 
 from ..configs import ConceptMapsFields
 from ..errors import require
-from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
-from .base import Metric, MetricOutput
 from ..interventions.hooks import probing
 from ..interventions.sites import hooked
+from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
+from .base import Metric, MetricOutput
 from .word_maps import MapSink, check_index_lists, checked_blocks, latent_grid, map_stats, upsample
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import re
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Iterator, TYPE_CHECKING
 
@@ -38,8 +38,8 @@ import torch
 
 from ..configs import WordMapsFields
 from ..errors import require
-from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
 from ..interventions.hooks import probing
+from ..toy.ground_truth import GROUND_TRUTH_STATS, job_scenes, mean_scores, score_named_maps
 from .base import Metric, MetricOutput
 
 if TYPE_CHECKING:
