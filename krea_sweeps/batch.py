@@ -79,14 +79,14 @@ def override_dirname(overrides: list[str], hydra_cfg: DictConfig) -> str:
 def plan_configs(job: Job, cfg: DictConfig, hydra_cfg: DictConfig) -> list[BatchConfig]:
     """Every config of the grid, planned and validated (one-line errors, before any model load)."""
     from .interventions import InterventionContext, validate_all
-    from .plan import _text_dim, effective_interventions
+    from .plan import _widths, effective_interventions
 
     grid = read_grid(cfg)
     typed = {axis: typed_values(axis, values) for axis, values in grid}
     base_node = OmegaConf.to_container(cfg.intervention, resolve=True) if cfg.get("intervention") else {}
     others = OmegaConf.to_container(cfg.interventions, resolve=True) if cfg.get("interventions") else []
     ictx = InterventionContext(num_steps=job.sampler.steps, guidance=job.sampler.guidance,
-                               text_dim=_text_dim(job.variant))
+                               **_widths(job.variant))
     task_overrides = [str(o) for o in hydra_cfg.overrides.task]
     sweep_dir = job.sweep_dir or job.job_dir.parent
     configs = []

@@ -199,17 +199,21 @@ def effective_interventions(cfg: DictConfig) -> list:
     return non_identity or objects[:1]
 
 
-def _text_dim(variant) -> int | None:
-    """The encoder width D of the taps [.., 12, D] from the variant's transformer config json alone (no weights), so
-    interventions can check shapes before any load. None when it cannot be read: the attach-time checks still apply."""
+def _widths(variant) -> dict:
+    """`text_dim`, the encoder width D of the taps [.., 12, D], and `dit_dim`, the DiT's hidden size (its text
+    tokens after txt_in), from the variant's transformer config json alone (no weights), so interventions can check
+    shapes before any load. None when it cannot be read: the attach-time checks still apply."""
     if variant.synthetic:  # not via LoadedModel: that would write the synthetic checkpoints
-        return int(variant.synthetic_weights.text_hidden_dim)
+        weights = variant.synthetic_weights
+        return {"text_dim": int(weights.text_hidden_dim), "dit_dim": int(weights.dit_hidden_dim)}
     try:
         from .models import LoadedModel
 
-        return int(LoadedModel(variant)._transformer_config().get("text_hidden_dim", 2560))
+        config = LoadedModel(variant)._transformer_config()
+        return {"text_dim": int(config.get("text_hidden_dim", 2560)),
+                "dit_dim": int(config.get("num_attention_heads", 48)) * int(config.get("attention_head_dim", 128))}
     except Exception:  # an unreadable config is the model loader's error to report, with its own key
-        return None
+        return {"text_dim": None, "dit_dim": None}
 
 
 def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
@@ -222,7 +226,7 @@ def plan(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> Job:
     prompts = prompt_set.load()
     seeds = normalise_seeds(cfg.get("seeds"))
     interventions = effective_interventions(cfg)
-    ictx = InterventionContext(num_steps=sampler.steps, guidance=sampler.guidance, text_dim=_text_dim(variant),
+    ictx = InterventionContext(num_steps=sampler.steps, guidance=sampler.guidance, **_widths(variant),
                                prompts=prompts)
     validate_all(interventions, ictx)
     metric_nodes = cfg.get("metrics") or {}

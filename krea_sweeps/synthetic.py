@@ -197,6 +197,7 @@ class RandomWeights:
 
     kind = "random"
     text_hidden_dim = TEXT_DIM
+    dit_hidden_dim = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
     warning = ("synthetic Krea 2 (tiny, random weights; real tokenizer and projector values): its numbers test the tool, "
                "they are not Krea 2 findings")
 

@@ -338,3 +338,34 @@ def test_map_metric_probes_are_named_hooks_at_dit_attention_during_the_job(sessi
     probes = [f"metrics.word_maps: word_maps @ dit_attention[{i}]" for i in range(blocks)]
     assert any(names == ["intervention: gains @ projector", *probes] for names in seen)
     assert session.attached() == []
+
+
+@pytest.mark.parametrize("synthetic_weights", ["random", "toy"])
+def test_a_direction_of_the_wrong_width_at_dit_text_is_one_line_before_any_load(tmp_path, monkeypatch, no_loads,
+                                                                               synthetic_weights):
+    """At dit_text a steer direction has the DiT's width (heads × head dim, read from the config): another width (the
+    encoder's, on the toy) is refused at plan time, naming the key, and the DiT's is accepted — nothing loaded."""
+    import numpy as np
+
+    from krea_sweeps.synthetic import TEXT_DIM
+
+    from conftest import compose
+
+    from krea_sweeps.plan import _widths, plan
+
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"model/synthetic_weights={synthetic_weights}", "intervention=steer", "intervention.site=dit_text",
+                 "intervention.mode=add"]
+    dit_dim = _widths(plan(compose(["wandb.mode=disabled", *overrides[:2]])).variant)["dit_dim"]
+    assert dit_dim != TEXT_DIM or synthetic_weights == "random"  # the random model's DiT is as wide as its encoder
+    wrong = [dit_dim + 8] + ([TEXT_DIM] if TEXT_DIM != dit_dim else [])  # the encoder's width, where it differs
+    for width, ok in [*((w, False) for w in wrong), (dit_dim, True)]:
+        np.save(tmp_path / f"d{width}.npy", np.ones(width, dtype=np.float32))
+        args = ["wandb.mode=disabled", *overrides, f"intervention.direction_file={tmp_path / f'd{width}.npy'}"]
+        if ok:
+            assert plan(compose(args)).interventions[0].site == "dit_text"
+        else:
+            with pytest.raises(ConfigError, match="DiT hidden size") as info:
+                plan(compose(args))
+            assert info.value.key == "intervention.direction_file"
+    assert no_loads == []

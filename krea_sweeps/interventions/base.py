@@ -34,6 +34,7 @@ class InterventionContext:
     denoising: Denoising = field(default_factory=Denoising)
     guidance: float | None = None
     text_dim: int | None = None
+    dit_dim: int | None = None  # the DiT's hidden size: the width of its text tokens (site dit_text)
     # The projector's edit chain per module (the job's session's): edits attached through this context compose.
     projector_chains: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     # The prompts whose states may enter text_fusion while attached (the job's prompts and negative prompt) and a way

@@ -141,20 +141,21 @@ class Steer(SteerFields, Intervention):
         """Whether the states at the site have the 12-slot axis (declared by the site: not at `fused`)."""
         return SITES[self.site].has_slots
 
-    def expected_shape(self, text_dim: int) -> list[int]:
-        return [NUM_SLOTS, text_dim] if self.has_slots else [text_dim]
+    def expected_shape(self, width: int) -> list[int]:
+        return [NUM_SLOTS, width] if self.has_slots else [width]
 
     def validate(self, ctx: InterventionContext) -> None:
-        """A direction file must match the model's encoder width D (from its config): checked here, before any
-        load, rather than in the forward hook minutes later."""
+        """A direction file must match the model's width at the site — the encoder's D, or the DiT's hidden size at
+        dit_text (both from its config): checked here, before any load, rather than in the forward hook minutes
+        later."""
         super().validate(ctx)
-        # A site of the DiT's width (dit_text) is checked when the op first runs: the plan knows the encoder's width
-        # only.
-        if self.direction_file is not None and ctx.text_dim is not None and SITES[self.site].width == "text":
-            expected = self.expected_shape(ctx.text_dim)
+        text = SITES[self.site].width == "text"
+        width = ctx.text_dim if text else ctx.dit_dim
+        if self.direction_file is not None and width is not None:
+            expected = self.expected_shape(width)
             require(list(self._direction.shape) == expected, "intervention.direction_file",
                     f"direction of shape {list(self._direction.shape)} at site={self.site}, but this model's "
-                    f"states there are {expected} (text_hidden_dim {ctx.text_dim})",
+                    f"states there are {expected} ({'text_hidden_dim' if text else 'DiT hidden size'} {width})",
                     f"give a direction of shape {expected} computed on this model")
 
     def make_op(self) -> Op:

@@ -45,6 +45,11 @@ class ToyWeights:
     def text_hidden_dim(self) -> int:
         return int(json.loads((WEIGHTS_DIR / "toy_transformer_config.json").read_text())["text_hidden_dim"])
 
+    @property
+    def dit_hidden_dim(self) -> int:
+        config = json.loads((WEIGHTS_DIR / "toy_transformer_config.json").read_text())
+        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+
     def root(self, cache_dir: Path | None = None) -> Path:
         return Path(cache_dir or default_cache_dir()) / self.version
 
