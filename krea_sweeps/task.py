@@ -32,9 +32,11 @@ SYNTHETIC_WARNING = ("synthetic Krea 2 (tiny, random weights; real tokenizer and
 
 
 # --------------------------------------------------------------------------------------------------- file helpers
-def write_json_atomic(path: Path, data: dict, durable: bool = True) -> None:
+def write_json_atomic(path: Path, data: dict, durable: bool = True, indent: int | None = 2) -> None:
+    """`indent=None`: one line through json's C encoder (the indented form is pure Python, ~5× slower: a batch
+    writing thousands of results uses it; readers parse either)."""
     with atomic_write(path, durable) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+        tmp.write_text(json.dumps(data, indent=indent, default=_json_default))
 
 
 def _json_default(o):
@@ -73,13 +75,14 @@ def versions() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- baseline cache
-def job_fingerprint(job: Job) -> str:
+def job_fingerprint(job: Job, variant_identity: dict | None = None) -> str:
     """A hash of everything a job's result depends on — the variant as resolved (files, device, dtype, LoRA), the
     prompts' text, the seeds, the sampler, the interventions as data, the metric configs. The job folder is named
     from command-line overrides only, so a changed prompt file or environment variable keeps the folder: resume
-    compares this instead of trusting that `result.json` exists."""
+    compares this instead of trusting that `result.json` exists. `variant_identity`: `job.variant.identity()` when
+    the caller has it already (a batch's configs share the variant)."""
     metrics = OmegaConf.to_container(job.cfg.get("metrics") or {}, resolve=True)
-    blob = json.dumps({"variant": job.variant.identity(), "prompts": job.prompts, "seeds": job.seeds,
+    blob = json.dumps({"variant": variant_identity or job.variant.identity(), "prompts": job.prompts, "seeds": job.seeds,
                        "sampler": job.sampler.identity(), "interventions": [i.describe() for i in job.interventions],
                        "metrics": metrics}, sort_keys=True, default=_json_default)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -220,23 +223,63 @@ def sheet_title(job: Job) -> str:
     return f"{what} | {job.variant.name}{synthetic}"
 
 
-def measure(ctx: JobContext) -> tuple[dict, list[dict], dict]:
-    """Every metric of the job on `ctx`: (summary, rows, figures); arrays and figure PNGs are written to the job dir."""
+def measure(ctx: JobContext, reuse: dict | None = None) -> tuple[dict, list[dict], dict]:
+    """Every metric of the job on `ctx`: (summary, rows, figures); arrays and figure PNGs are written to the job dir.
+
+    `reuse` (a batch's, shared by its configs): a metric that reads only what lies upstream of the projector
+    (`upstream_of_projector`) gives the same output for every config that edits the projector only, so it is
+    computed for the first such config and its arrays are hard-linked from that config's files for the others."""
     job = ctx.job
     summary, rows, images = {}, [], {}
     arrays_dir = job.job_dir / "arrays"
     for metric in job.metrics:
-        out = metric.compute(ctx)
+        key = reuse_key(ctx, metric) if reuse is not None else None
+        if key is not None and key in reuse:
+            out, source = reuse[key]
+            link_arrays(source, arrays_dir, metric.name, out.arrays)
+        else:
+            out = metric.compute(ctx)
+            save_arrays(arrays_dir, metric.name, out.arrays)
+            if key is not None:
+                reuse[key] = (out, arrays_dir)
         summary.update(out.summary)
         for r in out.rows:
             rows.append({"metric": metric.name, **r})
-        if out.arrays:
-            arrays_dir.mkdir(parents=True, exist_ok=True)
-        for name, array in out.arrays.items():
-            np.save(arrays_dir / f"{metric.name}.{name}.npy", array)
         for name, (figure, _caption) in out.images.items():  # heatmaps, bars: also on disk, not only in W&B
             save_png(job.job_dir / "figures" / f"{name.replace('/', '_')}.png", figure)
         images.update(out.images)
     for intervention in job.interventions:  # what the fit step learned that belongs in the summary
         summary.update(intervention.report())
     return summary, rows, images
+
+
+def reuse_key(ctx: JobContext, metric) -> str | None:
+    from .metrics.trace import edits_projector_only
+
+    if metric.upstream_of_projector and not ctx.figures and not ctx.job.is_stock and edits_projector_only(ctx.job):
+        return repr(metric)  # a dataclass: its name and settings
+    return None
+
+
+def save_arrays(arrays_dir: Path, metric: str, arrays: dict) -> None:
+    if arrays:
+        arrays_dir.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        np.save(arrays_dir / f"{metric}.{name}.npy", array)
+
+
+def link_arrays(source: Path, arrays_dir: Path, metric: str, arrays: dict) -> None:
+    """The same arrays as `source`'s, as hard links (one directory entry each, no copy); a copy where the filesystem
+    has no hard links. The job folder was cleared first, so no name is linked twice, and a later rerun of either
+    job clears its own folder (unlinking) before writing: neither ever writes into the other's files."""
+    import os
+    import shutil
+
+    if arrays:
+        arrays_dir.mkdir(parents=True, exist_ok=True)
+    for name in arrays:
+        file = f"{metric}.{name}.npy"
+        try:
+            os.link(source / file, arrays_dir / file)
+        except OSError:
+            shutil.copyfile(source / file, arrays_dir / file)

@@ -67,6 +67,15 @@ def test_batched_sweep_equals_one_job_per_config(tmp_path):
     job_col, key = data["columns"].index("job"), "cond_shift/fused/cos"
     for row in data["data"]:
         assert row[data["columns"].index(key)] == pytest.approx(a[row[job_col]]["summary"][key])
+    # a summary every config shares (projector edits leave the layerwise attention alone) is logged once, not as a
+    # column of equal values; every summary is in the table or there
+    shared = {k[len("shared/"):]: v for k, v in run["summary"].items() if k.startswith("shared/")}
+    assert "fusion_attention/content_tokens" in shared and "fusion_attention/content_tokens" not in data["columns"]
+    for name, result in a.items():
+        row = next(r for r in data["data"] if r[job_col] == name)
+        for k, v in result["summary"].items():
+            got = shared[k] if k in shared else row[data["columns"].index(k)]
+            assert got == pytest.approx(v), (name, k)
 
     # collect reads the batched sweep like the unbatched one (the batch folder is not a job)
     from krea_sweeps.collect import build_table

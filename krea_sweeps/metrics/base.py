@@ -42,6 +42,9 @@ class Metric:
 
     name: ClassVar[str] = "metric"
     needs: ClassVar[frozenset] = frozenset()
+    # Reads nothing downstream of the projector's input (taps, layerwise blocks): without figures, its output is the
+    # same for every config of a batch that edits the projector only, so a batch computes it once (`task.measure`).
+    upstream_of_projector: ClassVar[bool] = False
 
     def __post_init__(self):
         check_instance(self, f"metrics.{self.name}")  # types and choices, as composition checks them

@@ -204,6 +204,7 @@ class FusionAttention(FusionAttentionFields, Metric):
     name: ClassVar[str] = "fusion_attention"
     needs: ClassVar[frozenset] = CONDITIONING
     trace_parts: ClassVar[frozenset] = frozenset({"fusion_attention"})
+    upstream_of_projector: ClassVar[bool] = True  # the layerwise blocks' attention
 
     PER_LAYER: ClassVar[tuple] = ("strength", "top_key_share")  # per block
     BLOCK_STATS: ClassVar[tuple] = ("hub_layer", "hub_strength", "hub_ratio", "hub_top_key_share", "entropy",
@@ -409,6 +410,7 @@ class TapNorms(Metric):
 
     name: ClassVar[str] = "tap_norms"
     needs: ClassVar[frozenset] = CONDITIONING
+    upstream_of_projector: ClassVar[bool] = True  # the taps as text_fusion receives them
 
     def growth_key(self, labels: list[str]) -> str:
         """Deepest over shallowest tap (`tap_norms/growth_L35_over_L2` for Krea 2)."""

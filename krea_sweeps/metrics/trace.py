@@ -188,9 +188,9 @@ def _hook(handle):
 # ---------------------------------------------------------------------------------- configs sharing the upstream
 # A projector-site edit (solo, leave-one-out, rebalance, tap gains … at site=projector) hooks the projector only:
 # everything upstream of it — the taps, the layerwise blocks and their attention — is the stock pass's. A batch of
-# such configs (`krea_sweeps.batch`) runs that part once per prompt and each config only the projector (with its
-# edit) and the refiners: the same modules on the same tensors at the same batch size as its own full pass, so its
-# trace is bit-identical (tests/test_speed.py compares every summary, row and array).
+# such configs (`krea_sweeps.batch`) runs that part once per prompt, each config the projector (with its edit), and
+# the refiners once per prompt for a chunk of configs stacked along the batch axis: its trace is bit-identical to its
+# own full pass on CPU (tests/test_speed.py compares every summary, row and array).
 
 
 @dataclass
@@ -213,7 +213,7 @@ def edits_projector_only(job) -> bool:
 
 
 def projector_upstream(ctx, parts: frozenset) -> list[ProjectorUpstream]:
-    """The stock pass of each of the job's prompts, keeping what `projector_edit_trace` starts from."""
+    """The stock pass of each of the job's prompts, keeping what `projector_edit_traces` starts from."""
     out = []
     for i in range(len(ctx.job.prompts)):
         kept: dict = {}
@@ -223,35 +223,50 @@ def projector_upstream(ctx, parts: frozenset) -> list[ProjectorUpstream]:
 
 
 @torch.no_grad()
-def projector_edit_trace(ctx, upstream: list[ProjectorUpstream], parts: frozenset) -> TextTrace:
-    """`text_trace(ctx)` for a job whose interventions edit the projector only (`edits_projector_only`), from the
-    shared stock upstream: the projector (hooks and all) and the refiners run; the rest is the stock pass's."""
+def projector_edit_traces(ctxs: list, upstream: list[ProjectorUpstream], parts: frozenset) -> list[TextTrace]:
+    """`text_trace(ctx)` for each of `ctxs`, jobs whose interventions edit the projector only (`edits_projector_only`),
+    from the shared stock upstream: the taps, layerwise blocks and their attention are the stock pass's. Each config
+    runs the projector (hooks and all) under its own edit, alone (the call its own pass makes); the refiners and `txt_in` then run once per prompt for all of them, stacked along the
+    batch axis. Their work is per row (attention within a row, norms and linears per token), and on CPU the result
+    of a row does not depend on how many rows ran beside it: bit-identical to one config at a time on the synthetic
+    model (`tests/test_speed.py`). A backend whose kernels change with the batch size would differ in the last bits:
+    pass one context at a time there."""
     require_parts = parts - {"fusion_attention", "normed"}
     if require_parts:
-        raise ValueError(f"projector_edit_trace cannot record {sorted(require_parts)}")
-    text_path = ctx.text_path
+        raise ValueError(f"projector_edit_traces cannot record {sorted(require_parts)}")
+    text_path = ctxs[0].text_path
     tf = text_path.text_fusion
-    traces = []
-    with ctx.intervened():
-        weight = tf.projector.weight.detach().reshape(-1).clone()
-        for up in upstream:
-            projected = tf.projector(up.slots)
-            hidden = projected.squeeze(-1)
-            for block in tf.refiner_blocks:
-                hidden = block(hidden, attention_mask=up.text_mask)
-            normed = None
-            if "normed" in parts:
-                seen = {}
-                handle = text_path.txt_in.norm.register_forward_hook(lambda m, a, o: seen.update(normed=o))
-                with _hook(handle):
-                    text_path.txt_in(hidden)
-                normed = seen["normed"]
+    weights, projected = [], [[] for _ in upstream]  # per config; per prompt, per config
+    for ctx in ctxs:
+        with ctx.intervened():
+            weights.append(tf.projector.weight.detach().reshape(-1).clone().float().cpu())
+            for i, up in enumerate(upstream):
+                projected[i].append(tf.projector(up.slots))
+    per_prompt = []  # per prompt: (projected, fused, normed), each stacked over the configs
+    for up, outs in zip(upstream, projected):
+        stacked = torch.cat(outs)  # [K, T, D, 1]
+        hidden = stacked.squeeze(-1)
+        mask = up.text_mask.expand(len(ctxs), *up.text_mask.shape[1:]) if up.text_mask is not None else None
+        for block in tf.refiner_blocks:
+            hidden = block(hidden, attention_mask=mask)
+        normed = None
+        if "normed" in parts:
+            seen = {}
+            with _hook(text_path.txt_in.norm.register_forward_hook(lambda m, a, o: seen.update(normed=o))):
+                text_path.txt_in(hidden)
+            normed = seen["normed"]
+        per_prompt.append((stacked, hidden, normed))
+    out = []
+    for k, weight in enumerate(weights):
+        traces = []
+        for up, (stacked, hidden, normed) in zip(upstream, per_prompt):
             stock, content = up.stock, up.content
             T = stock.mask.shape[0]
             traces.append(PromptTrace(
                 mask=stock.mask, content=stock.content, taps=stock.taps, slots=stock.slots,
-                projected=projected.reshape(1, T, -1)[0][content].float().cpu(), weight=weight.float().cpu(),
-                fused=hidden[0][content].float().cpu(),
-                normed=normed[0][content].float().cpu() if normed is not None else None,
+                projected=stacked[k].reshape(T, -1)[content].float().cpu(), weight=weight,
+                fused=hidden[k][content].float().cpu(),
+                normed=normed[k][content].float().cpu() if normed is not None else None,
                 fusion_attention=stock.fusion_attention if "fusion_attention" in parts else []))
-    return TextTrace(traces, frozenset(parts), True)
+        out.append(TextTrace(traces, frozenset(parts), True))
+    return out

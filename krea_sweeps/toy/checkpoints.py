@@ -8,6 +8,7 @@ cache.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -24,7 +25,14 @@ def manifest() -> dict:
     file = WEIGHTS_DIR / "manifest.json"
     if not file.exists():
         raise FileNotFoundError(f"{file} is missing: train the toy with `python -m krea_sweeps.toy.train`")
-    return json.loads(file.read_text())
+    stat = file.stat()
+    return _read_manifest(str(file), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_manifest(path: str, mtime_ns: int, size: int) -> dict:
+    """Read once per version of the file (every variant identity asks for it: thousands of times in a batch)."""
+    return json.loads(Path(path).read_text())
 
 
 @dataclass
@@ -61,6 +69,9 @@ def ensure_toy_checkpoints(cache_dir: Path | None = None) -> Path:
     """Write the toy's folder once per machine and return it. Layout as `synthetic.ensure_synthetic_checkpoints`:
     `krea2_{raw,turbo}.safetensors`, `transformer_config/`, `text_encoder/`, `tokenizer/`, `vae/`,
     `turbo_lora.safetensors` (a small LoRA of the toy's shapes, for `model=turbo_lora`)."""
+    root = ToyWeights().root(cache_dir)
+    if (root / "COMPLETE").exists():  # before the imports below: diffusers' autoencoders alone take seconds
+        return root
     from diffusers import AutoencoderKLQwenImage, Krea2Transformer2DModel
     from safetensors.torch import load_file, save_file
 
@@ -70,9 +81,6 @@ def ensure_toy_checkpoints(cache_dir: Path | None = None) -> Path:
     from ..files import atomic_folder, locked
 
     info = manifest()
-    root = ToyWeights().root(cache_dir)
-    if (root / "COMPLETE").exists():
-        return root
     encoder = build_text_encoder()
     if state_hash(encoder.state_dict()) != info["text_encoder_sha256"]:
         raise RuntimeError("this torch builds a different tiny text encoder than the one the toy was trained with "
