@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .configs import SELECT_LAYERS  # noqa: F401 - Krea 2's tapped encoder layers (declared with the model schema)
-from .tokenizer import default_cache_dir, load_qwen_tokenizer
+from .tokenizer import copy_tokenizer, default_cache_dir, qwen_tokenizer_folder, start_tokenizer_build
 
 # Bump when the synthetic architecture or seeding changes, so stale caches are never reused.
 SYNTHETIC_VERSION = "v1"
@@ -235,19 +235,20 @@ def ensure_synthetic_checkpoints(cache_dir: Path | None = None) -> Path:
     root = synthetic_root(cache_dir)
     if (root / "COMPLETE").exists():
         return root
-    tokenizer = load_qwen_tokenizer(cache_dir)  # its own lock: taken before ours, never inside it
+    builder = start_tokenizer_build(cache_dir)  # converts in a child while this process builds the models
+    models = {variant: build_transformer(variant) for variant in ("raw", "turbo")}
+    tokenizer = qwen_tokenizer_folder(cache_dir, builder)  # its own lock: taken before ours, never inside it
     with locked(root):  # N processes on an empty shared cache: one builds, the others wait and reuse it
         if (root / "COMPLETE").exists():
             return root
         shutil.rmtree(root, ignore_errors=True)  # a folder without COMPLETE is a leftover of an older layout
         with atomic_folder(root) as tmp:
-            for variant in ("raw", "turbo"):
-                model = build_transformer(variant)
+            for variant, model in models.items():
                 if variant == "raw":
                     model.save_config(str(tmp / "transformer_config"))
                 save_file(diffusers_to_original(model.state_dict()), str(tmp / f"krea2_{variant}.safetensors"))
             build_text_encoder().save_pretrained(str(tmp / "text_encoder"))
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            copy_tokenizer(tokenizer, tmp / "tokenizer")
             build_vae().save_pretrained(str(tmp / "vae"))
             save_file(build_turbo_lora(), str(tmp / "turbo_lora.safetensors"))
             (tmp / "COMPLETE").write_text(SYNTHETIC_VERSION)

@@ -60,17 +60,57 @@ def build_qwen_tokenizer():
     return tokenizer
 
 
-def load_qwen_tokenizer(cache_dir: Path | None = None):
-    """The converted tokenizer, built once per machine and reloaded from the cache afterwards."""
-    from transformers import PreTrainedTokenizerFast
-
+def qwen_tokenizer_folder(cache_dir: Path | None = None, builder: "subprocess.Popen | None" = None) -> Path:
+    """The converted tokenizer's folder, built once per machine (not loaded: a copy of the folder is all the synthetic
+    checkpoints need). `builder`: a child process already building it (`start_tokenizer_build`), waited for first;
+    if it failed, this process builds the folder itself."""
     from .files import atomic_folder, locked
 
-    folder = Path(cache_dir or default_cache_dir()) / "qwen_tokenizer"
+    if builder is not None:
+        builder.wait()
+    folder = tokenizer_cache_folder(cache_dir)
     if not (folder / "tokenizer.json").exists():
         with locked(folder):  # N processes on an empty shared cache: one builds, the others wait and reuse it
             if not (folder / "tokenizer.json").exists():
                 shutil.rmtree(folder, ignore_errors=True)  # a folder without tokenizer.json is a leftover
                 with atomic_folder(folder) as tmp:
                     build_qwen_tokenizer().save_pretrained(str(tmp))
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return folder
+
+
+def tokenizer_cache_folder(cache_dir: Path | None = None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / "qwen_tokenizer"
+
+
+def start_tokenizer_build(cache_dir: Path | None = None) -> "subprocess.Popen | None":
+    """On a cold cache, start building the tokenizer folder in a child process and return it (None when the folder
+    is there). The conversion is seconds of single-threaded Python (BPE merges rebuilt from the ranks); in a child
+    it runs on another core while this process writes the rest of the synthetic checkpoints. The child takes the
+    folder's lock like any builder; `qwen_tokenizer_folder(cache_dir, builder)` waits for it."""
+    import subprocess
+    import sys
+
+    if (tokenizer_cache_folder(cache_dir) / "tokenizer.json").exists():
+        return None
+    package_parent = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH"))
+                                                       if p)}
+    code = "import sys; from krea_sweeps.tokenizer import qwen_tokenizer_folder; qwen_tokenizer_folder(sys.argv[1])"
+    try:
+        return subprocess.Popen([sys.executable, "-c", code, str(tokenizer_cache_folder(cache_dir).parent)],
+                                env=env, stdout=subprocess.DEVNULL)
+    except OSError:  # no child processes here: the folder is built in this process instead
+        return None
+
+
+def copy_tokenizer(folder: Path, target: Path) -> None:
+    """The converted tokenizer's files into a checkpoint folder (what saving the loaded tokenizer wrote, without
+    loading it: ~1 s less of a cold start)."""
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns(".*"))
+
+
+def load_qwen_tokenizer(cache_dir: Path | None = None):
+    """The converted tokenizer, built once per machine and reloaded from the cache afterwards."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(qwen_tokenizer_folder(cache_dir)))

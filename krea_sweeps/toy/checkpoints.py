@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..tokenizer import default_cache_dir, load_qwen_tokenizer
+from ..tokenizer import copy_tokenizer, default_cache_dir, qwen_tokenizer_folder, start_tokenizer_build
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TOY_WARNING = ("toy Krea 2 (tiny, trained on CPU on a procedural world of shapes; real tokenizer and projector values): "
@@ -72,6 +72,7 @@ def ensure_toy_checkpoints(cache_dir: Path | None = None) -> Path:
     root = ToyWeights().root(cache_dir)
     if (root / "COMPLETE").exists():  # before the imports below: diffusers' autoencoders alone take seconds
         return root
+    builder = start_tokenizer_build(cache_dir)  # converts in a child while this process imports and builds
     from diffusers import AutoencoderKLQwenImage, Krea2Transformer2DModel
     from safetensors.torch import load_file, save_file
 
@@ -85,14 +86,14 @@ def ensure_toy_checkpoints(cache_dir: Path | None = None) -> Path:
     if state_hash(encoder.state_dict()) != info["text_encoder_sha256"]:
         raise RuntimeError("this torch builds a different tiny text encoder than the one the toy was trained with "
                            f"(torch {info['versions']['torch']}): retrain with `python -m krea_sweeps.toy.train`")
-    tokenizer = load_qwen_tokenizer(cache_dir)  # its own lock: taken before ours, never inside it
+    tokenizer = qwen_tokenizer_folder(cache_dir, builder)  # its own lock: taken before ours, never inside it
     with locked(root):  # N processes on an empty shared cache: one builds, the others wait and reuse it
         if (root / "COMPLETE").exists():
             return root
         shutil.rmtree(root, ignore_errors=True)
         with atomic_folder(root) as tmp:
             encoder.save_pretrained(str(tmp / "text_encoder"))
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            copy_tokenizer(tokenizer, tmp / "tokenizer")
             for variant in ("raw", "turbo"):
                 shutil.copyfile(WEIGHTS_DIR / f"toy_{variant}.safetensors", tmp / f"krea2_{variant}.safetensors")
             config = json.loads((WEIGHTS_DIR / "toy_transformer_config.json").read_text())
