@@ -62,18 +62,22 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def effective_weights(slots: torch.Tensor, output: torch.Tensor, candidate: torch.Tensor | None = None,
-                      tolerance: float = 1e-6) -> tuple[np.ndarray, float]:
+                      tolerance: float = 1e-6, candidates: tuple = ()) -> tuple[np.ndarray, float]:
     """The 12 weights w with output ≈ Σ_k w_k · slots[..., k], and the relative residual of that fit.
 
-    `candidate` (the projector's weight parameter) is taken when it already reproduces the output (relative
-    residual ≤ tolerance), so an unedited projector reports its exact weights; otherwise a least-squares fit
-    (minimum-norm, so a slot that is all zeros gets weight 0). Exact for any edit that reweights slots.
+    The first of `candidates`, then `candidate` (the projector's weight parameter), that already reproduces the
+    output (relative residual ≤ tolerance) is taken, so an unedited projector reports its exact weights, and an edit
+    that declares its weight (`effective_weight`, checked here against what the projector delivered) reports that;
+    otherwise a least-squares fit (minimum-norm, so a slot that is all zeros gets weight 0). Exact for any edit that
+    reweights slots.
     """
     x = slots.double().reshape(-1, slots.shape[-1]).numpy()
     y = output.double().reshape(-1).numpy()
     scale = max(float(np.linalg.norm(y)), 1e-300)
-    if candidate is not None:
-        w = candidate.double().numpy()
+    for c in (*candidates, candidate):
+        if c is None:
+            continue
+        w = c.double().reshape(-1).numpy()
         residual = float(np.linalg.norm(x @ w - y)) / scale
         if residual <= tolerance:
             return w, residual
@@ -147,10 +151,11 @@ class ProjectorWeights(ProjectorWeightsFields, Metric):
         stock = stock_trace.prompts[0].weight.double().numpy()
         slots = torch.cat([t.slots for t in stock_trace.prompts])
         delivered = torch.cat([t.projected for t in trace.prompts])
-        effective, residual = effective_weights(slots, delivered, trace.prompts[0].weight)
+        declared = declared_weight(ctx, trace.prompts[0].weight)
+        effective, residual = effective_weights(slots, delivered, trace.prompts[0].weight, candidates=declared)
         rows = []
         for p, (s, t) in enumerate(zip(stock_trace.prompts, trace.prompts)):
-            w_p, r_p = effective_weights(s.slots, t.projected, t.weight)
+            w_p, r_p = effective_weights(s.slots, t.projected, t.weight, candidates=declared)
             rows.append({**prompt_row(ctx, p), "effective_cos_vs_stock": _cos(w_p, stock), "fit_residual": r_p})
         vectors = {"stock": stock, "effective": effective, "sign": np.sign(stock),
                    "effective_sign": np.sign(_snap(effective))}
@@ -183,6 +188,19 @@ class ProjectorWeights(ProjectorWeightsFields, Metric):
             images["projector/weights"] = (bars(series, labels, "projector weights", ylabel="projector weight"),
                                            caption(ctx, "projector weights"))
         return MetricOutput(summary=summary, rows=rows, arrays=arrays, images=images)
+
+
+def declared_weight(ctx, weight: torch.Tensor) -> tuple:
+    """The projector weight the job's interventions say they apply (each one's `effective_weight`, in list order),
+    as a candidate for `effective_weights` (a least-squares fit per config is most of this metric's cost in a
+    sweep); () when some intervention does not declare one."""
+    interventions = ctx.job.interventions
+    if not interventions or not all(callable(getattr(i, "effective_weight", None)) for i in interventions):
+        return ()
+    w = weight
+    for i in interventions:
+        w = i.effective_weight(w)
+    return (w,)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
