@@ -338,5 +338,6 @@ def write_overrides(job_dir: Path, overrides: list[str]) -> None:
     import yaml
 
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when built with it: the same bytes, 6× faster
-    (job_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    job_dir.mkdir(exist_ok=True)  # the sweep folder exists: no `parents=True` (a failed mkdir and a retry each time)
+    (job_dir / ".hydra").mkdir(exist_ok=True)
     (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.dump(overrides, Dumper=dumper, default_flow_style=False))
