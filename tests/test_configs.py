@@ -246,3 +246,45 @@ def test_compose_once_keeps_the_types_of_a_copied_job():
             error = composition_error(e.value)
             assert error is not None and error.key == key, str(e.value)
         assert hydra.composed == 1, "the bad jobs were copies, not composed by Hydra"
+
+
+# ------------------------------------------------------------------------------------- the plain-value fast path
+def _merged(fields, values):
+    from omegaconf import OmegaConf
+
+    from krea_sweeps.configs import _empty
+
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(_empty(fields), values), enum_to_str=True)
+    except Exception:
+        return "error"
+
+
+def test_plain_values_are_typed_as_omegaconf_types_them():
+    """`check_instance` skips OmegaConf's merge for plain values (thousands of configs in a batch): for every field of
+    every intervention and metric schema, and values of every plain kind, what it keeps must be what the merge gives —
+    and a value the merge refuses must never be kept (it goes through the merge and fails there)."""
+    from dataclasses import fields as dataclass_fields
+
+    from krea_sweeps.configs import METRIC_SCHEMAS, SCHEMAS, _hints, _plain_values
+
+    kinds = [None, 0, 3, -1, True, False, 0.5, 2.0, float("nan"), "3", "0.5", "cond", "uncond", "both", "projector",
+             "taps", "slots", "amplify", "whole", "x", "", [1, 2], {"a": 1}]
+    checked = kept = 0
+    for fields in [s for _, _, s in SCHEMAS] + [s for _, s in METRIC_SCHEMAS]:
+        fields = fields.__mro__[1] if fields.__name__.endswith("Schema") else fields
+        for f in dataclass_fields(fields):
+            if f.name == "_target_" or f.name not in _hints(fields):
+                continue
+            for value in kinds:
+                fast = _plain_values(fields, {f.name: value})
+                checked += 1
+                if fast is None:
+                    continue
+                kept += 1
+                merged = _merged(fields, {f.name: value})
+                assert merged != "error", (fields.__name__, f.name, value)
+                got, want = fast[f.name], merged[f.name]
+                assert type(got) is type(want) and (got == want or got != got and want != want), \
+                    (fields.__name__, f.name, value, got, want)
+    assert checked > 500 and kept > 100
