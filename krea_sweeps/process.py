@@ -139,10 +139,7 @@ def exit_now(code) -> None:
         print(code, file=sys.stderr)  # sys.exit("message") semantics
         code = 1
     if "wandb" in sys.modules:
-        try:
-            sys.modules["wandb"].teardown()
-        except Exception as e:  # never let W&B decide the exit code
-            log.warning("W&B teardown failed: %s", e)
+        _wandb_teardown(bound=SIGNAL_TEARDOWN_S if code > 128 else None)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -150,6 +147,35 @@ def exit_now(code) -> None:
         except Exception:
             pass
     os._exit(code)
+
+
+# After Ctrl-C or SIGTERM, how long W&B's teardown may wait for its service process. Every finished job's run was
+# flushed by its own `run.finish()`; the interrupted job's run is set aside (no result). What is left to wait for is a
+# service blocked on a server that stopped answering: it holds its request for `init_timeout` (30 s) — seconds a user
+# pressing Ctrl-C, or a preempted SLURM job inside its grace period, should not pay. The service process watches our
+# pid and exits when we do.
+SIGNAL_TEARDOWN_S = 3.0
+
+
+def _wandb_teardown(bound: float | None) -> None:
+    """W&B's own teardown (flush, stop its service), waited for at most `bound` seconds (None: until done)."""
+    import threading
+
+    def teardown():
+        try:
+            sys.modules["wandb"].teardown()
+        except Exception as e:  # never let W&B decide the exit code
+            log.warning("W&B teardown failed: %s", e)
+
+    if bound is None:
+        teardown()
+        return
+    worker = threading.Thread(target=teardown, name="wandb-teardown", daemon=True)
+    worker.start()
+    worker.join(bound)
+    if worker.is_alive():
+        log.debug("W&B's service did not stop within %.0f s of the signal; leaving it (it exits with this process)",
+                    bound)
 
 
 # ------------------------------------------------------------------------------------------------------- signals
