@@ -534,9 +534,9 @@ def _plain_values(fields: type, values: dict[str, Any]) -> dict[str, Any] | None
     hints, out = _hints(fields), {}
     for name, value in values.items():
         hint = hints.get(name, Any)
-        members = [a for a in _union_members(hint) if a is not type(None)]
-        if len(members) > 1:  # a union of plain types (OmegaConf allows no others): only an exact type is kept as is
-            typed = value if type(value) in _union_members(hint) else _NO  # NoneType is a member where null is allowed
+        members = _union_members(hint)  # NoneType among them where null is allowed
+        if len(set(members) - {type(None)}) > 1:  # a union of plain types (OmegaConf allows no others): only an
+            typed = value if type(value) in members else _NO  # exact type is kept as is
         else:
             typed = _plain_value(hint, value)
         if typed is _NO:

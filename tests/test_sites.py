@@ -146,25 +146,31 @@ def test_fit_is_explicit_and_describe_is_the_same_before_and_after(turbo):
     assert steer.fitted() is records[0]  # fitted once: attaching did not learn again
 
 
+def _attached_while_the_dit_runs(job, session) -> tuple[dict, list[list[str]]]:
+    """Run `job`; its record, and what the session lists as attached at each forward of the job's transformer."""
+    from krea_sweeps.models import LoadedModel
+    from krea_sweeps.task import execute
+
+    transformer = LoadedModel(job.variant, session.models).transformer  # the one the job's pipeline uses
+    seen = []
+    handle = transformer.register_forward_pre_hook(lambda m, a: seen.append(session.attached()))
+    try:
+        return execute(job, session).record, seen
+    finally:
+        handle.remove()
+
+
 def test_during_a_job_the_session_names_each_site_and_op_and_after_it_nothing(session, tmp_path, monkeypatch):
     from conftest import compose
 
-    from krea_sweeps.models import LoadedModel
     from krea_sweeps.plan import plan
-    from krea_sweeps.task import execute
 
     monkeypatch.chdir(tmp_path)
     job = plan(compose(["wandb.mode=disabled", "model=turbo", "sampler.steps=2", f"sampler.max_sequence_length={MSL}",
                         "intervention=solo", "intervention.slot=6", "prompts.prompts=[a red fox in the snow]",
                         "interventions=[{_target_: krea_sweeps.interventions.Steer, site: fused, "
                         "pairs: [[a smiling face, a neutral face]]}]"]))
-    transformer = LoadedModel(job.variant, session.models).transformer  # the one the job's pipeline uses
-    seen = []
-    handle = transformer.register_forward_pre_hook(lambda m, a: seen.append(session.attached()))
-    try:
-        record = execute(job, session).record
-    finally:
-        handle.remove()
+    record, seen = _attached_while_the_dit_runs(job, session)
     assert seen and all(names == ["intervention: gains @ projector", "interventions[0]: steer @ fused"]
                         for names in seen)
     assert session.attached() == []
@@ -295,21 +301,12 @@ def _job_with(session, tmp_path, monkeypatch, overrides):
 def test_steer_at_dit_text_from_config_is_named_during_the_job_and_moves_the_image(session, tmp_path, monkeypatch):
     """`intervention.site=dit_text` from the command line: installed by the generic attach (named in the session while
     the DiT runs), recorded with its site; strength 0 gives the stock image statistics, strength 4 others."""
-    from krea_sweeps.models import LoadedModel
-    from krea_sweeps.task import execute
-
     summaries = {}
     for strength in (0.0, 4.0):
         job = _job_with(session, tmp_path / str(strength), monkeypatch,
                         ["intervention=steer", "intervention.site=dit_text", "intervention.mode=add",
                          f"intervention.strength={strength}", "intervention.pairs=[[a smiling face, a neutral face]]"])
-        transformer = LoadedModel(job.variant, session.models).transformer
-        seen = []
-        handle = transformer.register_forward_pre_hook(lambda m, a: seen.append(session.attached()))
-        try:
-            record = execute(job, session).record
-        finally:
-            handle.remove()
+        record, seen = _attached_while_the_dit_runs(job, session)
         assert record["interventions"][0]["site"] == "dit_text"
         assert all(names == ([] if strength == 0 else ["intervention: steer @ dit_text"]) for names in seen)
         assert seen or strength == 0  # strength 0 is the stock job: its images may come from the stock-image cache
@@ -323,18 +320,11 @@ def test_map_metric_probes_are_named_hooks_at_dit_attention_during_the_job(sessi
     """word_maps records through a read-only op at dit_attention (one per DiT block), listed by the session while the
     DiT runs and gone after the job."""
     from krea_sweeps.models import LoadedModel
-    from krea_sweeps.task import execute
 
     job = _job_with(session, tmp_path, monkeypatch, ["metrics=[word_maps]", "sampler.fast=false", "intervention=solo",
                                                      "intervention.slot=6"])  # its own images: never from a cache
-    transformer = LoadedModel(job.variant, session.models).transformer
-    seen = []
-    handle = transformer.register_forward_pre_hook(lambda m, a: seen.append(session.attached()))
-    try:
-        execute(job, session)
-    finally:
-        handle.remove()
-    blocks = len(transformer.transformer_blocks)
+    _, seen = _attached_while_the_dit_runs(job, session)
+    blocks = len(LoadedModel(job.variant, session.models).transformer.transformer_blocks)
     probes = [f"metrics.word_maps: word_maps @ dit_attention[{i}]" for i in range(blocks)]
     assert any(names == ["intervention: gains @ projector", *probes] for names in seen)
     assert session.attached() == []
