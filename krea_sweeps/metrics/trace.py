@@ -120,18 +120,16 @@ def trace_prompt(ctx, encoded, intervened: bool, parts: frozenset, upstream: dic
 
         return hook
 
-    def named(site: str, what: str):  # every hook of the trace listed by Session.attached() while it runs
+    def hooked(handle, site: str, what: str):  # every hook of the trace listed by Session.attached() while it runs
+        stack.enter_context(_hook(handle))
         stack.enter_context(ctx.session.hooks.named("metrics.trace", site, what))
 
     with ExitStack() as stack:
         if intervened:
             stack.enter_context(ctx.intervened())
-        stack.enter_context(_hook(tf.register_forward_pre_hook(keep_input("taps"), with_kwargs=True)))
-        named("taps", "keep")
-        stack.enter_context(_hook(tf.projector.register_forward_pre_hook(keep_input("slots"))))
-        named("slots", "keep")
-        stack.enter_context(_hook(tf.projector.register_forward_hook(keep("projected"))))
-        named("projector", "keep output")
+        hooked(tf.register_forward_pre_hook(keep_input("taps"), with_kwargs=True), "taps", "keep")
+        hooked(tf.projector.register_forward_pre_hook(keep_input("slots")), "slots", "keep")
+        hooked(tf.projector.register_forward_hook(keep("projected")), "projector", "keep output")
         layer_calls = refiner_calls = None
         probes = ctx.intervention_context()
         if "fusion_attention" in parts:  # the attention probes: read-only ops at the attention sites
@@ -226,8 +224,8 @@ def projector_upstream(ctx, parts: frozenset) -> list[ProjectorUpstream]:
 def projector_edit_traces(ctxs: list, upstream: list[ProjectorUpstream], parts: frozenset) -> list[TextTrace]:
     """`text_trace(ctx)` for each of `ctxs`, jobs whose interventions edit the projector only (`edits_projector_only`),
     from the shared stock upstream: the taps, layerwise blocks and their attention are the stock pass's. Each config
-    runs the projector (hooks and all) under its own edit, alone (the call its own pass makes); the refiners and `txt_in` then run once per prompt for all of them, stacked along the
-    batch axis. Their work is per row (attention within a row, norms and linears per token), and on CPU the result
+    runs the projector (hooks and all) under its own edit, alone (the call its own pass makes); the refiners and
+    `txt_in` then run once per prompt for all of them, stacked along the batch axis. Their work is per row (attention within a row, norms and linears per token), and on CPU the result
     of a row does not depend on how many rows ran beside it: bit-identical to one config at a time on the synthetic
     model (`tests/test_speed.py`). A backend whose kernels change with the batch size would differ in the last bits:
     pass one context at a time there."""
