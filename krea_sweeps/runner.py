@@ -146,12 +146,17 @@ def run_job(cfg: DictConfig, hydra_cfg: DictConfig | None, session: Session | No
     result_file, failed_file = job.job_dir / "result.json", job.job_dir / "failed.json"
     fingerprint = job_fingerprint(job)
     if job.multirun and result_file.exists() and not job.force:
-        previous = json.loads(result_file.read_text())
-        if previous.get("fingerprint") == fingerprint:
+        try:
+            previous = json.loads(result_file.read_text())
+        except ValueError:  # damaged by hand or by a disk fault (ours are written atomically): not a result
+            previous = None
+            log.warning("rerun %s: %s is not valid JSON", job.name, result_file)
+        if previous is not None and previous.get("fingerprint") == fingerprint:
             log.info("skip %s: %s exists (force=true reruns it)", job.name, result_file)
             return objective_of(job, previous.get("summary", {}))
-        log.info("rerun %s: its inputs changed since %s was written (prompts, model files, seeds, sampler, "
-                 "interventions or metrics)", job.name, result_file)
+        if previous is not None:
+            log.info("rerun %s: its inputs changed since %s was written (prompts, model files, seeds, sampler, "
+                     "interventions or metrics)", job.name, result_file)
     session.jobs_started += 1
     clear_job_folder(job.job_dir)  # a rerun starts empty: no stale arrays, images, figures or W&B runs
     write_hydra_record(job.job_dir, cfg, hydra_cfg)

@@ -295,6 +295,22 @@ def test_failed_job_is_recorded_others_finish_and_rerun_runs_only_it(tmp_path):
     assert forced.returncode == 0 and "skip " not in forced.stdout + forced.stderr
 
 
+def test_a_damaged_result_is_rerun_and_the_others_skipped(tmp_path):
+    """A result.json that is not JSON (edited by hand, a disk fault) is no result: the rerun runs that job again
+    instead of stopping the sweep with a traceback, and skips the others."""
+    args = ["-m", "seeds=0,1", *FAST, "prompts.prompts=[a red fox]"]
+    first = run_cli(args, tmp_path, env=env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "default"
+    damaged = job_dir(sweep, "- seeds=1") / "result.json"
+    damaged.write_text(damaged.read_text()[:40])
+    second = run_cli(args, tmp_path, env=env())
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert log.count("skip ") == 1 and f"done {damaged.parent.name}" in log and "is not valid JSON" in log
+    assert json.loads(damaged.read_text())["status"] == "done"
+
+
 def test_fail_fast_stops_at_the_first_failure(tmp_path):
     """A real process: a failed job's exit code (1) survives run.py's fast exit."""
     marker = tmp_path / "bug"
