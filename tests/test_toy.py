@@ -103,10 +103,10 @@ def test_toy_loads_through_the_single_file_loader_with_the_published_projectors(
     assert toy_turbo.transformer.config.num_layers == 3  # the toy's own sizes, not the random model's
 
 
-def test_toy_turbo_draws_the_named_background_and_prompts_move_images_beyond_seed_noise(toy_turbo):
-    """Through Krea2Pipeline on held-out captions: the named background is drawn, and changing the prompt changes the
-    image far more than changing the seed (the committed weights' object colour/position accuracy is below target:
-    docs/toy.md has the measured numbers)."""
+def test_toy_turbo_follows_held_out_captions_and_prompts_move_images_beyond_seed_noise(toy_turbo):
+    """Through Krea2Pipeline on the six held-out (colour, shape) pairs, never seen in training: the named background
+    and position are drawn, and the named colour in the object's mask for all but at most one (the evaluator's 90
+    captions give the full numbers: docs/toy.md); changing the prompt changes the image far more than the seed."""
     from krea_sweeps.prompts import encode
     from krea_sweeps.sampler import Denoising, Sampler, generate
 
@@ -114,17 +114,31 @@ def test_toy_turbo_draws_the_named_background_and_prompts_move_images_beyond_see
     sampler = Sampler(max_sequence_length=48).resolved(toy_turbo.variant)
     layers = tuple(toy_turbo.variant.select_layers)
     neg = encode(toy_turbo.tokenizer, toy_turbo.text_encoder, [""], 48, layers)
-    scenes = [world.Scene((world.Obj(shape, colour, "large", position),), bg) for (colour, shape), position, bg in
-              zip(world.HELD_OUT, ("left", "right", "top"), world.BACKGROUNDS)]
+    positions = ("left", "right", "top", "bottom", "centre", "left")
+    scenes = [world.Scene((world.Obj(shape, colour, "large", position),), list(world.BACKGROUNDS)[i % 3])
+              for i, ((colour, shape), position) in enumerate(zip(world.HELD_OUT, positions))]
     images = {}
     for i, scene in enumerate(scenes):
         cond = encode(toy_turbo.tokenizer, toy_turbo.text_encoder, [scene.caption], 48, layers)
         for seed in (0, 1):
             images[i, seed] = generate(pipe, sampler, cond, neg, seed=seed, denoising=Denoising())
-    assert all(score(read_scene(images[i, 0], s), s)["background"] for i, s in enumerate(scenes))
+    scores = [score(read_scene(images[i, 0], s), s) for i, s in enumerate(scenes)]
+    assert all(s["background"] and s["position"] for s in scores), scores
+    assert sum(s["colour"] for s in scores) >= len(scenes) - 1, scores
     seed_noise = np.mean([np.abs(images[i, 0] - images[i, 1]).mean() for i in range(len(scenes))])
     prompt_change = np.mean([np.abs(images[i, 0] - images[j, 0]).mean() for i in range(3) for j in range(i)])
     assert prompt_change > 3 * seed_noise, (prompt_change, seed_noise)
+
+
+def test_the_evaluator_builds_each_intervention_as_run_py_composes_it():
+    """The evaluator's interventions come from `intervention=<name>` composed with its schema (a preset file read
+    raw has a `defaults` list that is no field), with the overrides applied."""
+    from krea_sweeps.toy.evaluate import INTERVENTIONS, build_intervention
+
+    built = {label: build_intervention(name, overrides) for label, (name, overrides) in INTERVENTIONS.items()}
+    assert built["solo L20"].slot == 6 and built["leave_one_out L20"].slot == 6
+    assert built["knockout L20"].keys == [6]
+    assert built["rebalance deep_boost"].gains[8] == 5.0
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -128,12 +128,18 @@ def generate(model, sampler, prompts: list[str], seeds: list[int], interventions
 
 
 def build_intervention(name: str, overrides: dict):
-    from omegaconf import OmegaConf
+    """`intervention=<name>` with `overrides`, composed as `python run.py` composes it (its schema and defaults)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    from ..plan import instantiate
+    from ..plan import instantiate, register_resolvers
 
-    node = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "intervention" / f"{name}.yaml"), overrides)
-    intervention = instantiate(node, "intervention")
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    values = [f"intervention.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"intervention={name}", *values])
+    intervention = instantiate(cfg.intervention, "intervention")
     intervention.config_key = "intervention"
     return intervention
 
@@ -149,7 +155,7 @@ def prompt_following(variant: str, scenes: list[world.Scene], seed: int = 0) -> 
 
 def vae_alone(scenes: list[world.Scene]) -> dict:
     """The same reading on the true images encoded and decoded by the toy's VAE: the ceiling the VAE puts on what any
-    DiT can show (toy-train-v1's ×8 VAE got a third of object colours right here)."""
+    DiT can show (toy-train-v1's VAE got a third of object colours right here; v2's whitened code keeps them all)."""
     import torch
 
     model, _ = toy_model("turbo")
@@ -175,11 +181,54 @@ def effect_ratios(variant: str, scenes: list[world.Scene], seeds: list[int]) -> 
     return out
 
 
+def map_scores(scenes: list[world.Scene], variant: str = "turbo", seed: int = 0) -> dict:
+    """The `word_maps` metric on `scenes` (exact DiT attention, averaged over blocks and steps) scored by the metric
+    itself against the masks — pointing game and area-matched IoU of each object word (size, colour, shape) — and the
+    same maps with their cells shuffled (chance for those masks), recomputed here from the saved arrays."""
+    import contextlib
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ..plan import plan, register_resolvers
+    from ..session import Session
+    from ..task import execute
+    from .ground_truth import mask_iou, pointing_game
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    captions = ",".join(s.caption for s in scenes)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"model={variant}", "model/synthetic_weights=toy", "prompts=toy", f"prompts.prompts=[{captions}]",
+            f"seeds=[{seed}]", "metrics=[word_maps]", "metrics.word_maps.compare_stock=false", "wandb.mode=disabled",
+            "figures=false"])
+    rng = np.random.default_rng(0)
+    chance = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        job = plan(cfg)
+        summary = execute(job, Session()).record["summary"]
+        arrays = Path(tmp) / job.job_dir / "arrays"
+        for p, scene in enumerate(job.prompt_set.scenes()):
+            words = [str(w) for w in np.load(arrays / f"word_maps.p{p:02d}.words.npy")]
+            grid = np.load(arrays / f"word_maps.p{p:02d}_s{seed}.grid.npy")
+            mask = scene.masks()[0]
+            for word in (scene.objects[0].size, scene.objects[0].colour, scene.objects[0].shape):
+                shuffled = [rng.permutation(grid[words.index(word)].ravel()).reshape(grid.shape[1:]) for _ in range(50)]
+                chance.append((np.mean([pointing_game(m, mask) for m in shuffled]),
+                               np.mean([mask_iou(m, mask) for m in shuffled])))
+    chance_pointing, chance_iou = np.mean(chance, axis=0)
+    return {"n": len(scenes), "pointing": summary["word_maps/pointing"], "mask_iou": summary["word_maps/mask_iou"],
+            "shuffled_pointing": float(chance_pointing), "shuffled_mask_iou": float(chance_iou)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=90, help="held-out single-object scenes to score (of 180)")
     parser.add_argument("--effect-prompts", type=int, default=6)
     parser.add_argument("--variants", nargs="*", default=["raw", "turbo"])
+    parser.add_argument("--map-scenes", type=int, default=26, help="held-out captions (every 7th) for the word maps")
     parser.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -192,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         report[variant] = {"held_out_single": prompt_following(variant, scenes),
                            "effects": effect_ratios(variant, effect_scenes, [0, 1, 2])}
         print(variant, json.dumps(report[variant], indent=1))
+    if args.map_scenes:
+        report["word_maps"] = map_scores(held_out[::7][: args.map_scenes])
+        print("word_maps", json.dumps(report["word_maps"]))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
 

@@ -9,9 +9,9 @@ Three stages, each deterministic (seeded generators, fixed thread count), on CPU
    projector frozen at the published Raw weights) → txt_in → blocks — with 10% caption dropout to the empty prompt,
    which is what Krea2Pipeline's CFG uses as the negative.
 3. Turbo: Raw's weights with the published Turbo projector, fine-tuned by guidance distillation: at σ on the 8-step
-   Turbo grid (mu = 1.15), the student without CFG learns the Raw teacher's CFG velocity cond + g·(cond − uncond).
-   So Turbo samples in few steps with no CFG, as the real one does (the real one is TDM-distilled; this is the cheap
-   stand-in that works on a CPU).
+   Turbo grid (mu = 1.15), the student without CFG learns where the Raw teacher's CFG trajectory (cond +
+   g·(cond − uncond), a few Euler substeps) is at the grid's next σ. So Turbo samples in few steps with no CFG, as the
+   real one does (the real one is TDM-distilled; this is the cheap stand-in that works on a CPU).
 
 The text encoder is `synthetic.build_text_encoder()` (seeded, frozen, never trained); its state hash is recorded so a
 torch whose RNG builds a different encoder is caught at load time instead of silently mismatching the DiT.
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import world
 
-TRAIN_VERSION = "toy-train-v1"
+TRAIN_VERSION = "toy-train-v2"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 Z_DIM = 8
 VAE_CONFIG = dict(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
@@ -48,8 +48,8 @@ TRANSFORMER_CONFIG = dict(
 RECIPE = dict(
     seed=0, threads=1, scenes=3000, max_sequence_length=40,
     vae_steps=400, vae_batch=16, vae_lr=2e-3, vae_kl=1e-6, vae_crop=32,
-    dit_steps=1800, dit_batch=64, dit_repeats=4, dit_lr=2e-3, caption_dropout=0.1,
-    turbo_steps=300, turbo_lr=5e-4, turbo_guidance=4.5, turbo_grid_steps=8, turbo_mu=1.15,
+    dit_steps=6000, dit_batch=64, dit_repeats=4, dit_lr=2e-3, caption_dropout=0.1,
+    turbo_steps=300, turbo_lr=5e-4, turbo_guidance=4.5, turbo_grid_steps=8, turbo_mu=1.15, turbo_substeps=4,
 )
 
 
@@ -109,17 +109,37 @@ def progress(total: int, desc: str):
 
 
 # ------------------------------------------------------------------------------------------------------ stage 1
-def target_code(x: torch.Tensor, proj: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
-    """A fixed code for each 8×8 patch: random Fourier features of its four 4×4 sub-block colours, [B, Z, 1, h, w].
+def sub_block_colours(x: torch.Tensor) -> torch.Tensor:
+    """[B, h, w, 12]: each 8×8 patch's four 4×4 sub-block colours."""
+    sub = F.avg_pool2d(x[:, :, 0], 4)  # [B, 3, H/4, W/4]
+    b, c, h, w = sub.shape
+    return sub.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 2, w // 2, c * 4)
+
+
+def code_basis(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The world's principal components of sub-block colours, whitened: (mean [12], map [12, Z_DIM])."""
+    blocks = sub_block_colours(images).reshape(-1, 12).double()
+    mean = blocks.mean(0)
+    values, vectors = torch.linalg.eigh(torch.cov((blocks - mean).T))
+    top = torch.argsort(values, descending=True)[:Z_DIM]
+    vectors = vectors[:, top] * torch.sign(vectors[:, top].sum(0, keepdim=True))  # a fixed sign per component
+    return mean.float(), (vectors / values[top].clamp_min(1e-4).sqrt()).float()  # clamp: tiny test recipes
+
+
+def target_code(x: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A fixed code for each 8×8 patch: the whitened principal components of its four 4×4 sub-block colours,
+    [B, Z, 1, h, w].
 
     Trained end to end from scratch, this tiny Qwen-Image VAE collapses to the mean image within a few hundred steps
     (every block RMS-normalises each pixel's channel vector, so codes that differ by magnitude, e.g. gray vs black,
-    look alike to the decoder). A code whose *direction* varies with colour avoids that: the encoder and the decoder
-    are first fitted to it separately (two plain regressions), then the decoder to the encoder's actual outputs."""
-    sub = F.avg_pool2d(x[:, :, 0], 4)  # [B, 3, H/4, W/4]
-    b, c, h, w = sub.shape
-    blocks = sub.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 2, w // 2, c * 4)
-    return torch.sin(blocks @ proj.T + phase).permute(0, 3, 1, 2).unsqueeze(2)
+    look alike to the decoder). A fixed code avoids that: the encoder and the decoder are first fitted to it
+    separately (two plain regressions), then the decoder to the encoder's actual outputs. *Which* code decides what
+    the DiT learns: whitened, the background's brightness (86% of the world's colour variance) is one channel of eight
+    and the object's colour and outline the others, so after Krea2Pipeline's per-channel normalisation the DiT's loss
+    weighs the object as much as the background (v1's random Fourier features left the background dominant, and lost
+    two thirds of object colours in the VAE alone)."""
+    mean, whiten = basis
+    return ((sub_block_colours(x) - mean) @ whiten).permute(0, 3, 1, 2).unsqueeze(2)
 
 
 def train_vae(images: torch.Tensor, gen: torch.Generator):
@@ -127,8 +147,7 @@ def train_vae(images: torch.Tensor, gen: torch.Generator):
 
     torch.manual_seed(RECIPE["seed"])
     vae = AutoencoderKLQwenImage(**VAE_CONFIG)
-    proj = 2.0 * torch.randn(Z_DIM, 12, generator=gen)
-    phase = 3.1416 * torch.rand(Z_DIM, generator=gen)
+    basis = code_basis(images)
     encoder = [p for n, p in vae.named_parameters() if n.startswith(("encoder.", "quant_conv."))]
     decoder = [p for n, p in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
     c, n, steps = RECIPE["vae_crop"], images.shape[0], RECIPE["vae_steps"]
@@ -141,7 +160,7 @@ def train_vae(images: torch.Tensor, gen: torch.Generator):
             idx = torch.randint(n, (RECIPE["vae_batch"],), generator=gen)
             y0, x0 = (int(v) * 8 for v in torch.randint((world.SIZE - c) // 8 + 1, (2,), generator=gen))
             x = images[idx, :, :, y0 : y0 + c, x0 : x0 + c]
-            code = target_code(x, proj, phase)
+            code = target_code(x, basis)
             if mode == "encoder":
                 posterior = vae.encode(x).latent_dist
                 loss = F.mse_loss(posterior.mean, code) + RECIPE["vae_kl"] * posterior.kl().mean()
@@ -284,10 +303,28 @@ def train_raw(x0: torch.Tensor, caption_idx: torch.Tensor, taps, masks, empty: i
 
 # ------------------------------------------------------------------------------------------------------ stage 3
 def turbo_sigmas() -> torch.Tensor:
-    """The σ at which Turbo's 8 steps evaluate the model (the pipeline's grid, shifted with mu = 1.15)."""
+    """The σ at which Turbo's 8 steps evaluate the model (the pipeline's grid, shifted with mu = 1.15), then 0."""
     n, mu = RECIPE["turbo_grid_steps"], RECIPE["turbo_mu"]
     s = torch.from_numpy(np.linspace(1.0, 1 / n, n)).float()
-    return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+    return torch.cat([math.exp(mu) / (math.exp(mu) + (1 / s - 1)), torch.zeros(1)])
+
+
+@torch.no_grad()
+def teacher_step_velocity(raw, xt, sigma, sigma_next, cond, blank, taps, masks, repeats: int):
+    """The velocity that takes x_σ to where the Raw teacher's CFG trajectory is at the next grid σ, integrated with
+    `turbo_substeps` Euler steps: (x_next − x_σ) / (σ_next − σ). With one substep it is the teacher's CFG velocity
+    itself; more substeps let the student learn the teacher's 28-step path in the pipeline's 8 Euler steps, not
+    just its direction at each σ (Turbo's few steps otherwise add the coarse grid's error to the student's)."""
+    g, k = RECIPE["turbo_guidance"], RECIPE["turbo_substeps"]
+    x = xt
+    with text_fusion_once_per_caption(raw, repeats):
+        for j in range(k):
+            s = sigma + (sigma_next - sigma) * (j / k)
+            s_next = sigma + (sigma_next - sigma) * ((j + 1) / k)
+            c = velocity(raw, x, s, taps[cond], masks[cond])
+            u = velocity(raw, x, s, taps[blank], masks[blank])
+            x = x + (s_next - s)[:, None, None] * (c + g * (c - u))
+    return (x - xt) / (sigma_next - sigma)[:, None, None]
 
 
 def train_turbo(raw, x0, caption_idx, taps, masks, empty: int, gen: torch.Generator):
@@ -299,19 +336,17 @@ def train_turbo(raw, x0, caption_idx, taps, masks, empty: int, gen: torch.Genera
         p.requires_grad_(name != "text_fusion.projector.weight")
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=RECIPE["turbo_lr"], weight_decay=0.0)
-    grid, g = turbo_sigmas(), RECIPE["turbo_guidance"]
+    grid = turbo_sigmas()
     bar = progress(RECIPE["turbo_steps"], "Turbo (distil)")
     r = RECIPE["dit_repeats"]
     for step in range(RECIPE["turbo_steps"]):
         idx = torch.randint(len(x0), (RECIPE["dit_batch"] // r,), generator=gen).repeat_interleave(r)
         cap, blank = caption_idx[idx], torch.full_like(idx, empty)
         x, noise = x0[idx], torch.randn(x0[idx].shape, generator=gen)
-        sigma = grid[torch.randint(len(grid), (len(idx),), generator=gen)]
+        at = torch.randint(len(grid) - 1, (len(idx),), generator=gen)
+        sigma, sigma_next = grid[at], grid[at + 1]
         xt = (1 - sigma[:, None, None]) * x + sigma[:, None, None] * noise
-        with torch.no_grad(), text_fusion_once_per_caption(raw, r):
-            cond = velocity(raw, xt, sigma, taps[cap], masks[cap])
-            uncond = velocity(raw, xt, sigma, taps[blank], masks[blank])
-            target = cond + g * (cond - uncond)
+        target = teacher_step_velocity(raw, xt, sigma, sigma_next, cap, blank, taps, masks, r)
         with text_fusion_once_per_caption(student, r):
             loss = F.mse_loss(velocity(student, xt, sigma, taps[cap], masks[cap]), target)
         cosine_lr(opt, step, RECIPE["turbo_steps"], RECIPE["turbo_lr"], warmup=20)
@@ -374,7 +409,8 @@ def _train(out: Path) -> dict:
     x0 = pack(normalise(vae, latents))
     captions = sorted({s.caption for s in scenes})
     taps, masks, encoder_hash = encode_captions(captions + [""])
-    caption_idx = torch.tensor([captions.index(s.caption) for s in scenes])
+    row = {caption: i for i, caption in enumerate(captions)}
+    caption_idx = torch.tensor([row[s.caption] for s in scenes])
     raw = train_raw(x0, caption_idx, taps, masks, len(captions), gen)
     t_raw = time.perf_counter() - t0 - t_vae
     turbo = train_turbo(raw, x0, caption_idx, taps, masks, len(captions), gen)
