@@ -130,6 +130,18 @@ def test_toy_turbo_follows_held_out_captions_and_prompts_move_images_beyond_seed
     assert prompt_change > 3 * seed_noise, (prompt_change, seed_noise)
 
 
+def test_bad_recipe_values_stop_before_training_with_the_key_named(tmp_path):
+    """`--set` with a value of the wrong type, or no teacher substeps, fails in one line naming the key and writes
+    nothing (0 substeps would silently train Turbo towards a zero velocity)."""
+    from krea_sweeps.toy.train import main, train
+
+    with pytest.raises(SystemExit, match="turbo_substeps=four: not a int"):
+        main(["--out", str(tmp_path / "a"), "--set", "turbo_substeps=four"])
+    with pytest.raises(ValueError, match="turbo_substeps=0: .*at least 1"):
+        train(tmp_path / "b", {"turbo_substeps": 0})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_the_evaluator_builds_each_intervention_as_run_py_composes_it():
     """The evaluator's interventions come from `intervention=<name>` composed with its schema (a preset file read
     raw has a `defaults` list that is no field), with the overrides applied."""

@@ -89,19 +89,25 @@ def accuracy(scores: list[dict[str, bool]]) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------------- generating
-def toy_model(variant: str):
-    """The toy variant as `python run.py model=<variant> model/synthetic_weights=toy` builds it, and its sampler."""
+def compose_config(overrides: list[str]):
+    """The repository's `conf/` composed with `overrides`, as `python run.py` composes it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ..models import LoadedModel
-    from ..plan import instantiate, register_resolvers
+    from ..plan import register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model={variant}", "model/synthetic_weights=toy",
-                                                       "sampler.batch_seeds=true"])
+        return compose(config_name="config", overrides=overrides)
+
+
+def toy_model(variant: str):
+    """The toy variant as `python run.py model=<variant> model/synthetic_weights=toy` builds it, and its sampler."""
+    from ..models import LoadedModel
+    from ..plan import instantiate
+
+    cfg = compose_config([f"model={variant}", "model/synthetic_weights=toy", "sampler.batch_seeds=true"])
     model_variant = instantiate(cfg.model, "model")
     sampler = instantiate(cfg.sampler, "sampler").resolved(model_variant)
     return LoadedModel(model_variant), sampler
@@ -129,16 +135,10 @@ def generate(model, sampler, prompts: list[str], seeds: list[int], interventions
 
 def build_intervention(name: str, overrides: dict):
     """`intervention=<name>` with `overrides`, composed as `python run.py` composes it (its schema and defaults)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from ..plan import instantiate
 
-    from ..plan import instantiate, register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
     values = [f"intervention.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"intervention={name}", *values])
+    cfg = compose_config([f"intervention={name}", *values])
     intervention = instantiate(cfg.intervention, "intervention")
     intervention.config_key = "intervention"
     return intervention
@@ -188,22 +188,15 @@ def map_scores(scenes: list[world.Scene], variant: str = "turbo", seed: int = 0)
     import contextlib
     import tempfile
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from ..plan import plan, register_resolvers
+    from ..plan import plan
     from ..session import Session
     from ..task import execute
     from .ground_truth import mask_iou, pointing_game
 
-    register_resolvers()
-    GlobalHydra.instance().clear()
     captions = ",".join(s.caption for s in scenes)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"model={variant}", "model/synthetic_weights=toy", "prompts=toy", f"prompts.prompts=[{captions}]",
-            f"seeds=[{seed}]", "metrics=[word_maps]", "metrics.word_maps.compare_stock=false", "wandb.mode=disabled",
-            "figures=false"])
+    cfg = compose_config([f"model={variant}", "model/synthetic_weights=toy", "prompts=toy",
+                          f"prompts.prompts=[{captions}]", f"seeds=[{seed}]", "metrics=[word_maps]",
+                          "metrics.word_maps.compare_stock=false", "wandb.mode=disabled", "figures=false"])
     rng = np.random.default_rng(0)
     chance = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):

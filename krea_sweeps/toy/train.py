@@ -379,6 +379,9 @@ def save(out: Path, vae, raw, turbo, manifest: dict) -> dict:
 
 def train(out: Path, overrides: dict | None = None) -> dict:
     """Train with RECIPE (plus `overrides`, for experiments and tests) and write the weights to `out`."""
+    if (overrides or {}).get("turbo_substeps", 1) < 1:
+        raise ValueError(f"turbo_substeps={overrides['turbo_substeps']}: the teacher needs at least 1 Euler substep "
+                         "per Turbo grid step (4 is the recipe's)")
     saved = dict(RECIPE)
     RECIPE.update(overrides or {})
     try:
@@ -438,7 +441,10 @@ def main(argv: list[str] | None = None) -> None:
         key, value = item.split("=", 1)
         if key not in RECIPE:
             raise SystemExit(f"--set {key}: not a recipe key ({', '.join(RECIPE)})")
-        overrides[key] = type(RECIPE[key])(value)
+        try:
+            overrides[key] = type(RECIPE[key])(value)
+        except ValueError:
+            raise SystemExit(f"--set {key}={value}: not a {type(RECIPE[key]).__name__}") from None
     manifest = train(args.out, overrides)
     print(f"trained in {manifest['seconds']['total']:.0f}s: {args.out} weights_sha256 {manifest['weights_sha256']}")
 
